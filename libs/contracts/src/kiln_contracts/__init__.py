@@ -1,0 +1,28 @@
+"""Kiln contracts: the single source of subjects, stream/consumer configuration and event schemas."""
+
+from . import streams, subjects
+from .commands import SCHEMA_VERSION, CancelJob, JobSpec, Optimizer, StartJob, Task, TrainArgs, utcnow
+from .events import (
+    PAYLOADS,
+    TERMINAL,
+    ArtifactStored,
+    EpochCompleted,
+    Event,
+    ExitClass,
+    Heartbeat,
+    JobFinished,
+    JobStatus,
+    JobStatusChanged,
+    LogBatch,
+    LogLine,
+    MetricsLogged,
+    Progress,
+    status_wins,
+)
+
+__all__ = [
+    "SCHEMA_VERSION", "CancelJob", "JobSpec", "Optimizer", "StartJob", "Task", "TrainArgs", "utcnow",
+    "PAYLOADS", "TERMINAL", "ArtifactStored", "EpochCompleted", "Event", "ExitClass", "Heartbeat", "JobFinished",
+    "JobStatus", "JobStatusChanged", "LogBatch", "LogLine", "MetricsLogged", "Progress", "status_wins",
+    "streams", "subjects",
+]

@@ -1,0 +1,207 @@
+"""Events: past-tense facts about a job, all wrapped in one :class:`Event` envelope.
+
+Every event is published on ``kiln.evt.<project>.<job_id>.<kind>`` (logs on ``kiln.log.<project>.<job_id>``)
+with ``Nats-Msg-Id`` set to the envelope ``id``, so a retried publish is stored once and every consumer can
+de-duplicate on it.
+
+Example:
+    >>> ev = Event.new(job_id="j1", project="default", attempt=1, seq=1, source="runner",
+    ...                data=JobStatusChanged(status=JobStatus.running))
+    >>> Event.model_validate_json(ev.model_dump_json()).data.status.value
+    'running'
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import subjects
+from .commands import SCHEMA_VERSION, utcnow
+
+
+class JobStatus(str, Enum):
+    created = "created"
+    queued = "queued"
+    starting = "starting"
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+    lost = "lost"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.cancelled, JobStatus.lost})
+_RANK = {s: i for i, s in enumerate(JobStatus)}
+
+
+def status_wins(current: JobStatus | None, current_attempt: int, new: JobStatus, new_attempt: int) -> bool:
+    """Whether a status event (``new``, ``new_attempt``) replaces the projected status.
+
+    Terminal states never change; events of an older attempt are ignored; within an attempt the
+    lifecycle only moves forward (a late ``running`` never overwrites ``completed``).
+    """
+    if current is None:
+        return True
+    if current.terminal:
+        return False
+    if new_attempt != current_attempt:
+        return new_attempt > current_attempt
+    return _RANK[new] > _RANK[current]
+
+
+class ExitClass(str, Enum):
+    ok = "ok"
+    user_error = "user_error"
+    out_of_memory = "out_of_memory"
+    killed = "killed"
+    cancelled = "cancelled"
+    timeout = "timeout"
+    infrastructure = "infrastructure"
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class JobStatusChanged(_Payload):
+    """The job moved to a new lifecycle status (queued, starting, running)."""
+
+    kind: Literal["status"] = "status"
+    status: JobStatus = Field(..., description="New status.")
+    reason: str = Field("", description="Why, in words (e.g. which runner claimed it).")
+    runner: str = Field("", description="Runner id that holds the job, when one does.")
+    host: str = Field("", description="Host name of that runner.")
+    details: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="Extra facts: pid, resolved dataset path, snapshot hash, versions."
+    )
+
+
+class EpochCompleted(_Payload):
+    """One training epoch finished; carries every metric Ultralytics reported for it."""
+
+    kind: Literal["epoch"] = "epoch"
+    epoch: int = Field(..., ge=1, description="Epoch number, 1-based.")
+    epochs: int = Field(..., ge=1, description="Planned number of epochs.")
+    metrics: dict[str, float] = Field(
+        ..., description="Train losses (train/*), validation metrics (metrics/*, val/*), learning rates (lr/pg*), fitness."
+    )
+    epoch_time: float | None = Field(None, description="Seconds spent on this epoch.")
+
+
+class MetricsLogged(_Payload):
+    """Free-form metrics logged by the SDK's ``log_metrics(step, metrics)``."""
+
+    kind: Literal["metrics"] = "metrics"
+    step: int = Field(..., ge=0, description="Step the metrics belong to.")
+    metrics: dict[str, float] = Field(..., description="Metric name to value.")
+    coalesced: int = Field(0, ge=0, description="Updates merged into this one because the SDK queue was full.")
+
+
+class Progress(_Payload):
+    """Throttled in-epoch progress, for a live progress bar."""
+
+    kind: Literal["progress"] = "progress"
+    epoch: int = Field(..., ge=1, description="Current epoch, 1-based.")
+    epochs: int = Field(..., ge=1, description="Planned epochs.")
+    batch: int = Field(..., ge=0, description="Batches done in this epoch.")
+    batches: int = Field(..., ge=0, description="Batches per epoch.")
+    images_per_s: float | None = Field(None, description="Training throughput.")
+    eta_s: float | None = Field(None, description="Estimated seconds until the end of training.")
+
+
+class ArtifactStored(_Payload):
+    """A file produced by the job (checkpoint, export) and where it is stored."""
+
+    kind: Literal["artifact"] = "artifact"
+    name: str = Field(..., description="Artifact name, e.g. 'last.pt'.")
+    uri: str = Field(..., description="Where it is stored (file path or s3:// URI).")
+    size: int = Field(..., ge=0, description="Size in bytes.")
+    sha256: str = Field(..., description="SHA-256 of the content.")
+    epoch: int | None = Field(None, description="Epoch it belongs to.")
+
+
+class Heartbeat(_Payload):
+    """The runner holding the job is alive and the trainer process still runs."""
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    runner: str = Field(..., description="Runner id.")
+    pid: int | None = Field(None, description="Trainer process id.")
+
+
+class JobFinished(_Payload):
+    """The attempt ended: completed, failed, cancelled or lost, with the cause."""
+
+    kind: Literal["finished"] = "finished"
+    status: JobStatus = Field(..., description="Terminal status.")
+    reason: str = Field("", description="Cause in words; empty when completed.")
+    exit_code: int | None = Field(None, description="Trainer exit code (negative: killed by that signal).")
+    exit_class: ExitClass = Field(ExitClass.ok, description="Classified cause.")
+    last_logs: list[str] = Field(default_factory=list, description="Last log lines of the trainer.")
+
+
+class LogLine(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    t: datetime = Field(default_factory=utcnow, description="When the line was read.")
+    stream: Literal["stdout", "stderr", "sdk", "runner"] = Field("stdout", description="Where the line came from.")
+    text: str = Field(..., description="The line, without the newline.")
+
+
+class LogBatch(_Payload):
+    """Consecutive log lines of the job (published on ``kiln.log.<project>.<job_id>``)."""
+
+    kind: Literal["log"] = "log"
+    lines: list[LogLine] = Field(..., description="Lines in order.")
+
+
+EventData = Annotated[
+    Union[JobStatusChanged, EpochCompleted, MetricsLogged, Progress, ArtifactStored, Heartbeat, JobFinished, LogBatch],
+    Field(discriminator="kind"),
+]
+PAYLOADS: tuple[type[_Payload], ...] = (
+    JobStatusChanged, EpochCompleted, MetricsLogged, Progress, ArtifactStored, Heartbeat, JobFinished, LogBatch,
+)
+
+
+class Event(BaseModel):
+    """The envelope of every Kiln event."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    v: Literal[1] = Field(SCHEMA_VERSION, description="Schema version of the envelope and payload.")
+    id: str = Field(..., min_length=1, max_length=128, description="Unique event id; also the JetStream Nats-Msg-Id.")
+    time: datetime = Field(..., description="When the event happened (UTC).")
+    job_id: str = Field(..., description="Job the event belongs to.")
+    project: str = Field("default", description="Project of the job.")
+    attempt: int = Field(1, ge=1, description="Attempt of the job that produced the event.")
+    source: Literal["api", "runner", "trainer", "reaper"] = Field(..., description="Which component published it.")
+    seq: int = Field(..., ge=0, description="Sequence number per (job, attempt, source), gap-free from 1.")
+    data: EventData = Field(..., description="The payload; its 'kind' names the subject's last token.")
+
+    @classmethod
+    def new(cls, *, job_id: str, project: str, attempt: int, seq: int, source: str, data: _Payload) -> "Event":
+        return cls(
+            id=uuid.uuid4().hex, time=utcnow(), job_id=job_id, project=project,
+            attempt=attempt, seq=seq, source=source, data=data,  # type: ignore[arg-type]
+        )
+
+    @property
+    def subject(self) -> str:
+        if self.data.kind == "log":
+            return subjects.log(self.project, self.job_id)
+        return subjects.event(self.project, self.job_id, self.data.kind)
+
+    def headers(self) -> dict[str, str]:
+        return {"Nats-Msg-Id": self.id}
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()

@@ -1,0 +1,117 @@
+"""JetStream streams, durable consumers and KV buckets, and one function that creates or updates them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NotFoundError
+
+from . import subjects
+
+log = logging.getLogger(__name__)
+
+DAY = 24 * 3600.0
+
+JOBS = api.StreamConfig(
+    name="KILN_JOBS",
+    description="Start commands; a work queue: each message goes to one runner of its pool.",
+    subjects=[subjects.START_ALL],
+    retention=api.RetentionPolicy.WORK_QUEUE,
+    storage=api.StorageType.FILE,
+    duplicate_window=3600.0,
+    max_age=7 * DAY,
+)
+EVENTS = api.StreamConfig(
+    name="KILN_EVENTS",
+    description="Job events: status, epochs, metrics, progress, artifacts, heartbeats, finished.",
+    subjects=[subjects.EVENTS_ALL],
+    retention=api.RetentionPolicy.LIMITS,
+    storage=api.StorageType.FILE,
+    duplicate_window=600.0,
+    max_age=14 * DAY,
+)
+LOGS = api.StreamConfig(
+    name="KILN_LOGS",
+    description="Job log line batches; kept apart so that logs never slow metrics.",
+    subjects=[subjects.LOGS_ALL],
+    retention=api.RetentionPolicy.LIMITS,
+    storage=api.StorageType.FILE,
+    duplicate_window=600.0,
+    max_age=3 * DAY,
+)
+DLQ = api.StreamConfig(
+    name="KILN_DLQ",
+    description="Poison messages with the consumer, stream sequence and reason.",
+    subjects=[subjects.DLQ_ALL],
+    retention=api.RetentionPolicy.LIMITS,
+    storage=api.StorageType.FILE,
+    max_age=30 * DAY,
+)
+STREAMS = (JOBS, EVENTS, LOGS, DLQ)
+
+CLAIMS_BUCKET = "kiln_claims"
+"""KV bucket: key ``<job_id>.<attempt>`` created atomically by the runner that claims the attempt."""
+
+
+def runner_consumer(pool: str, max_ack_pending: int = 1, ack_wait: float = 60.0) -> api.ConsumerConfig:
+    """Durable pull consumer shared by every runner of ``pool``."""
+    name = f"runner-{subjects.token(pool)}"
+    return api.ConsumerConfig(
+        durable_name=name,
+        name=name,
+        description=f"Runners of pool {pool}",
+        filter_subject=subjects.start(pool),
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+        max_deliver=20,
+        max_ack_pending=max_ack_pending,
+    )
+
+
+@dataclass(frozen=True)
+class Durable:
+    stream: str
+    config: api.ConsumerConfig
+
+
+def writer_consumers(name: str = "metrics-writer") -> tuple[Durable, Durable]:
+    """Durable pull consumers of the metrics-writer: one on events, one on logs."""
+
+    def cfg(durable: str, subject: str) -> api.ConsumerConfig:
+        return api.ConsumerConfig(
+            durable_name=durable, name=durable, filter_subject=subject,
+            ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=30.0, max_deliver=50, max_ack_pending=20_000,
+        )
+
+    return (
+        Durable(EVENTS.name or "", cfg(f"{name}-events", subjects.EVENTS_ALL)),
+        Durable(LOGS.name or "", cfg(f"{name}-logs", subjects.LOGS_ALL)),
+    )
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create every Kiln stream and the claims KV bucket, or update them to this definition."""
+    for cfg in STREAMS:
+        try:
+            await js.stream_info(cfg.name or "")
+        except NotFoundError:
+            await js.add_stream(cfg)
+            log.info("created stream %s", cfg.name)
+            continue
+        try:
+            await js.update_stream(cfg)
+        except BadRequestError as exc:  # e.g. retention cannot change: keep the existing one, say so
+            log.warning("stream %s not updated: %s", cfg.name, exc)
+    try:
+        await js.key_value(CLAIMS_BUCKET)
+    except (NotFoundError, Exception):  # bucket missing: nats-py raises BucketNotFoundError
+        await js.create_key_value(bucket=CLAIMS_BUCKET, history=1, ttl=30 * DAY)
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig) -> None:
+    """Create a durable consumer or update it to ``config``."""
+    await js.add_consumer(stream, config)
