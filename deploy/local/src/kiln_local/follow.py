@@ -1,0 +1,59 @@
+"""Follow a job live over the notifier's WebSocket and print epochs, status and (optionally) logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import websockets
+
+_SHOW = ("train/box_loss", "train/cls_loss", "train/dfl_loss", "train/loss", "metrics/precision(B)",
+         "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)", "metrics/accuracy_top1")
+
+
+def short(key: str) -> str:
+    return key.split("/", 1)[-1].replace("(B)", "")
+
+
+def format_epoch(data: dict[str, Any]) -> str:
+    m = data.get("metrics", {})
+    parts = [f"{short(k)} {m[k]:.4f}" for k in _SHOW if k in m]
+    t = data.get("epoch_time")
+    return f"epoch {data['epoch']}/{data['epochs']}  " + "  ".join(parts) + (f"  ({t:.1f}s)" if t else "")
+
+
+async def follow(ws_url: str, job_id: str, *, show_logs: bool = False, timeout: float = 3600.0,
+                 out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Print the job's events until it finishes; returns the ``finished`` payload. Reconnects with its cursor."""
+    cursor = {"events": 0, "logs": 0}
+
+    async def run() -> dict[str, Any]:
+        while True:
+            url = f"{ws_url}/api/v1/ws/jobs/{job_id}?after_events={cursor['events']}&after_logs={cursor['logs']}"
+            try:
+                async with websockets.connect(url, max_size=None) as ws:
+                    async for raw in ws:
+                        msg = json.loads(raw)
+                        if msg.get("type") != "event":
+                            continue
+                        cursor[msg["stream"]] = msg["seq"]
+                        data = msg["event"]["data"]
+                        kind = data["kind"]
+                        if kind == "epoch":
+                            out(format_epoch(data))
+                        elif kind == "status":
+                            out(f"status: {data['status']}" + (f" ({data['reason']})" if data.get("reason") else ""))
+                        elif kind == "finished":
+                            out(f"status: {data['status']}" + (f": {data['reason']}" if data.get("reason") else "")
+                                + (f" (exit code {data['exit_code']})" if data.get("exit_code") is not None else ""))
+                            return data
+                        elif kind == "log" and show_logs:
+                            for line in data["lines"]:
+                                out(f"  | {line['text']}")
+            except (OSError, websockets.WebSocketException) as exc:
+                out(f"(connection to the notifier lost: {exc}; reconnecting)")
+                await asyncio.sleep(1)
+
+    return await asyncio.wait_for(run(), timeout)

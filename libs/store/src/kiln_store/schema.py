@@ -1,0 +1,96 @@
+"""Kiln's SQL schema (SQLAlchemy Core).  Alembic migrations in ``migrations/`` create it.
+
+Ownership (each table has one writer):
+- ``jobs``: the API (job specs, submissions, re-runs).
+- ``job_status``, ``status_events``, ``metrics``, ``logs``, ``artifacts``: the metrics-writer (projections of events).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text,
+)
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("project", String(64), nullable=False, index=True),
+    Column("name", String(200), nullable=False, default=""),
+    Column("pool", String(64), nullable=False),
+    Column("spec", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("submitted_at", DateTime(timezone=True), nullable=True),
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("rerun_of", String(64), nullable=True),
+    Column("cancel_requested_at", DateTime(timezone=True), nullable=True),
+)
+
+job_status = Table(
+    "job_status", metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+    Column("exit_code", Integer, nullable=True),
+    Column("exit_class", String(32), nullable=True),
+    Column("runner", String(200), nullable=False, default=""),
+    Column("host", String(200), nullable=False, default=""),
+    Column("epoch", Integer, nullable=True),
+    Column("epochs", Integer, nullable=True),
+    Column("details", JSON, nullable=False, default=dict),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("last_heartbeat_at", DateTime(timezone=True), nullable=True),
+)
+
+status_events = Table(
+    "status_events", metadata,
+    Column("event_id", String(128), primary_key=True),
+    Column("job_id", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Index("ix_status_events_job", "job_id", "time"),
+)
+
+metrics = Table(
+    "metrics", metadata,
+    Column("event_id", String(128), primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("job_id", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),  # "epoch" or "metrics"
+    Column("step", BigInteger, nullable=False),
+    Column("value", Float, nullable=True),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Index("ix_metrics_job_key_step", "job_id", "key", "step"),
+)
+
+logs = Table(
+    "logs", metadata,
+    Column("event_id", String(128), primary_key=True),
+    Column("line_no", Integer, primary_key=True),
+    Column("job_id", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("stream", String(16), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Index("ix_logs_job_time", "job_id", "time"),
+)
+
+artifacts = Table(
+    "artifacts", metadata,
+    Column("event_id", String(128), primary_key=True),
+    Column("job_id", String(64), nullable=False, index=True),
+    Column("attempt", Integer, nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("uri", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("epoch", Integer, nullable=True),
+    Column("time", DateTime(timezone=True), nullable=False),
+)

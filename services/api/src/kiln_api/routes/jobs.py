@@ -1,0 +1,136 @@
+"""Job routes: create, start, cancel, re-run, list, read status, metrics and logs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query
+
+from kiln_contracts import JobSpec, JobStatus, StartJob, utcnow
+from kiln_store import queries
+
+from ..adapters import jobs_repo
+from ..deps import BusDep, ConnDep
+from ..schemas import EpochRow, JobCreate, JobDetail, JobOut, LogOut, MetricsOut, Series
+
+log = logging.getLogger("kiln.api")
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+async def _job_or_404(conn: ConnDep, job_id: str) -> dict[str, Any]:
+    job = await queries.get_job(conn, job_id)
+    if job is None:
+        raise HTTPException(404, f"job {job_id!r} not found")
+    return job
+
+
+async def _start(conn: ConnDep, bus: BusDep, job: dict[str, Any]) -> None:
+    if job["attempt"] > 0:
+        raise HTTPException(409, f"job {job['id']} was already started (status {job['status']}); re-run it instead")
+    now = utcnow()
+    cmd = StartJob(job_id=job["id"], attempt=1, spec=JobSpec.model_validate(job["spec"]), issued_at=now)
+    if not await jobs_repo.mark_submitted(conn, job["id"], 1, now):
+        raise HTTPException(409, f"job {job['id']} was already started")
+    await conn.commit()  # durable before publishing; the sweeper republishes if the publish below is lost
+    try:
+        await bus.publish_start(cmd)
+    except Exception as exc:  # noqa: BLE001 - accepted anyway: the sweeper retries with the same message id
+        log.warning("start of %s not published yet (%s); the sweeper will retry", job["id"], exc)
+
+
+@router.post("", status_code=201, response_model=JobDetail)
+async def create_job(body: JobCreate, conn: ConnDep, bus: BusDep) -> dict[str, Any]:
+    """Create a job from a validated spec; with ``start: true`` it is queued at once."""
+    spec = JobSpec.model_validate(body.model_dump(exclude={"start"}))
+    job_id = await jobs_repo.insert_job(conn, spec)
+    await conn.commit()
+    if body.start:
+        await _start(conn, bus, await _job_or_404(conn, job_id))
+    return await _detail(conn, job_id)
+
+
+@router.post("/{job_id}/start", status_code=202, response_model=JobDetail)
+async def start_job(job_id: str, conn: ConnDep, bus: BusDep) -> dict[str, Any]:
+    """Queue the job: publishes its start command for the runners of its pool."""
+    await _start(conn, bus, await _job_or_404(conn, job_id))
+    return await _detail(conn, job_id)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobDetail)
+async def cancel_job(job_id: str, conn: ConnDep, bus: BusDep) -> dict[str, Any]:
+    """Cancel a queued or running job; a queued job will never start."""
+    job = await _job_or_404(conn, job_id)
+    if JobStatus(job["status"]).terminal:
+        raise HTTPException(409, f"job {job_id} already ended ({job['status']})")
+    await jobs_repo.mark_cancel_requested(conn, job_id)
+    await conn.commit()
+    queued = job["status"] in ("created", "queued")
+    await bus.request_cancel(job_id, job["project"], max(job["attempt"], 1), "cancelled by user", queued)
+    return await _detail(conn, job_id)
+
+
+@router.post("/{job_id}/rerun", status_code=201, response_model=JobDetail)
+async def rerun_job(job_id: str, conn: ConnDep, bus: BusDep) -> dict[str, Any]:
+    """Start a new job with exactly the same recorded spec."""
+    job = await _job_or_404(conn, job_id)
+    new_id = await jobs_repo.insert_job(conn, JobSpec.model_validate(job["spec"]), rerun_of=job_id)
+    await conn.commit()
+    await _start(conn, bus, await _job_or_404(conn, new_id))
+    return await _detail(conn, new_id)
+
+
+@router.get("", response_model=list[JobOut])
+async def list_jobs(
+    conn: ConnDep,
+    project: str | None = None,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[dict[str, Any]]:
+    return await queries.list_jobs(conn, project=project, status=status.value if status else None,
+                                   limit=limit, offset=offset)
+
+
+async def _detail(conn: ConnDep, job_id: str) -> dict[str, Any]:
+    job = await _job_or_404(conn, job_id)
+    job["timeline"] = await queries.get_timeline(conn, job_id)
+    job["artifacts"] = await queries.get_artifacts(conn, job_id)
+    return job
+
+
+@router.get("/{job_id}", response_model=JobDetail)
+async def get_job(job_id: str, conn: ConnDep) -> dict[str, Any]:
+    return await _detail(conn, job_id)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsOut)
+async def get_metrics(
+    job_id: str,
+    conn: ConnDep,
+    keys: Annotated[str | None, Query(description="Comma-separated metric names")] = None,
+    kind: Annotated[str | None, Query(pattern="^(epoch|metrics)$")] = None,
+) -> MetricsOut:
+    await _job_or_404(conn, job_id)
+    wanted = [k for k in (keys or "").split(",") if k] or None
+    series = await queries.get_metrics(conn, job_id, keys=wanted, kind=kind)
+    return MetricsOut(job_id=job_id, series={
+        k: Series(steps=[s for s, _ in pts], values=[v for _, v in pts]) for k, pts in series.items()
+    })
+
+
+@router.get("/{job_id}/epochs", response_model=list[EpochRow])
+async def get_epochs(job_id: str, conn: ConnDep) -> list[EpochRow]:
+    """Metrics per epoch, one row per epoch."""
+    await _job_or_404(conn, job_id)
+    rows: dict[int, dict[str, float | None]] = {}
+    for key, pts in (await queries.get_metrics(conn, job_id, kind="epoch")).items():
+        for step, value in pts:
+            rows.setdefault(step, {})[key] = value
+    return [EpochRow(epoch=e, metrics=m) for e, m in sorted(rows.items())]
+
+
+@router.get("/{job_id}/logs", response_model=list[LogOut])
+async def get_logs(job_id: str, conn: ConnDep, tail: Annotated[int, Query(ge=1, le=10_000)] = 500) -> list[dict]:
+    await _job_or_404(conn, job_id)
+    return await queries.get_logs(conn, job_id, tail=tail)

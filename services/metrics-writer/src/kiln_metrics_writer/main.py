@@ -1,0 +1,66 @@
+"""Composition root of the metrics-writer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import nats
+
+from kiln_contracts.streams import ensure_streams, writer_consumers
+from kiln_store import make_engine, upgrade
+
+from .adapters.sql import write_batch
+from .consumer import BatchConsumer
+from .settings import Settings
+
+log = logging.getLogger("kiln.metrics_writer")
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    engine = make_engine(settings.database_url)
+    await upgrade(engine)
+    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, name="kiln-metrics-writer")
+    await ensure_streams(nc.jetstream())
+
+    async def write(events):  # type: ignore[no-untyped-def]
+        return await write_batch(engine, events)
+
+    consumers = [
+        BatchConsumer(nc, d, write, batch_size=settings.batch_size, batch_ms=settings.batch_ms,
+                      max_backoff_s=settings.max_backoff_s)
+        for d in writer_consumers(settings.durable)
+    ]
+    tasks = [asyncio.create_task(c.run()) for c in consumers]
+    log.info("metrics-writer running (db %s)", engine.url.render_as_string(hide_password=True))
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for c in consumers:
+        c.stop()
+    for t in tasks:
+        t.cancel()
+    for t in done:
+        if t is not waiter and t.exception():
+            log.error("consumer crashed: %r", t.exception())
+    await nc.drain()
+    await engine.dispose()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings()
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop)
+
+    asyncio.run(_main())
+
+
+if __name__ == "__main__":
+    main()

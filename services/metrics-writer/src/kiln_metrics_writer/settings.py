@@ -1,0 +1,14 @@
+"""Settings of the metrics-writer (env prefix KILN_WRITER_)."""
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KILN_WRITER_")
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    database_url: str = "sqlite+aiosqlite:///var/kiln.db"
+    durable: str = "metrics-writer"
+    batch_size: int = 5000
+    batch_ms: int = 50
+    max_backoff_s: float = 10.0

@@ -1,0 +1,149 @@
+"""Runs one job attempt: dataset, spawn, logs, heartbeats, cancel, timeout, outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from nats.js import JetStreamContext
+
+from kiln_contracts import ExitClass, Heartbeat, JobFinished, JobStatus, JobStatusChanged, StartJob
+
+from .adapters import process
+from .adapters.datasets import DatasetError, resolve_local
+from .adapters.events import JobEvents
+from .domain import Outcome, classify_exit
+from .settings import Settings
+
+log = logging.getLogger("kiln.runner")
+_SCRUB_PREFIXES = ("KILN_RUNNER_", "KILN_API_", "KILN_WRITER_", "KILN_NOTIFIER_", "AWS_")
+
+
+class RunningJob:
+    def __init__(self, cmd: StartJob, settings: Settings, js: JetStreamContext, slot: int) -> None:
+        self.cmd, self.settings, self.js, self.slot = cmd, settings, js, slot
+        self.events = JobEvents(js, cmd)
+        self.dir = (settings.work_dir / "jobs" / f"{cmd.job_id}-{cmd.attempt}").resolve()
+        self.proc: asyncio.subprocess.Process | None = None
+        self.cancel_reason: str | None = None
+        self.shutting_down = False
+        self._cancel_event = asyncio.Event()
+
+    # --- control from outside -------------------------------------------------------------------------
+    def cancel(self, reason: str) -> None:
+        """Ask the trainer to stop at its next batch boundary (it checkpoints); the group is killed after grace."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+            with contextlib.suppress(OSError):
+                (self.dir / "cancel").write_text(reason)
+            self._cancel_event.set()
+
+    # --- the attempt --------------------------------------------------------------------------------
+    async def run(self) -> Outcome:
+        host = socket.gethostname()
+        await self.events.emit(JobStatusChanged(status=JobStatus.starting, runner=self.settings.runner_id, host=host,
+                                                reason=f"claimed by {self.settings.runner_id}"))
+        try:
+            outcome = await self._run(host)
+        except DatasetError as exc:
+            outcome = Outcome(JobStatus.failed, ExitClass.user_error, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a runner bug or a broken host must still end the job
+            log.exception("job %s failed in the runner", self.cmd.job_id)
+            outcome = Outcome(JobStatus.failed, ExitClass.infrastructure, f"runner error: {exc}")
+        if self.shutting_down and outcome.status == JobStatus.cancelled:
+            outcome = Outcome(JobStatus.failed, ExitClass.infrastructure, "runner shut down before the job finished")
+        await self.events.flush_logs()
+        code = self.proc.returncode if self.proc else None
+        await self.events.emit(JobFinished(status=outcome.status, reason=outcome.reason, exit_code=code,
+                                           exit_class=outcome.exit_class, last_logs=list(self.events.tail)))
+        log.info("job %s attempt %s: %s %s", self.cmd.job_id, self.cmd.attempt, outcome.status.value, outcome.reason)
+        return outcome
+
+    def _env(self, dataset: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_PREFIXES)}
+        env.pop("PYTEST_CURRENT_TEST", None)  # Ultralytics changes behaviour "under pytest"
+        env.update(
+            KILN_JOB_ID=self.cmd.job_id, KILN_PROJECT=self.cmd.spec.project, KILN_ATTEMPT=str(self.cmd.attempt),
+            KILN_NATS_URL=self.settings.nats_url, KILN_JOB_DIR=str(self.dir), KILN_JOB_SPEC=str(self.dir / "job.json"),
+            KILN_DATASET=str(dataset), KILN_SPOOL_DIR=str(self.dir / "spool"), PYTHONUNBUFFERED="1",
+        )
+        if self.settings.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.settings.gpus[self.slot % len(self.settings.gpus)]
+        else:
+            env.setdefault("CUDA_VISIBLE_DEVICES", "")
+        if self.cmd.resume_from:
+            env["KILN_RESUME"] = self.cmd.resume_from
+        return env
+
+    async def _run(self, host: str) -> Outcome:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        dataset = resolve_local(self.cmd.spec.dataset, self.cmd.spec.task.value)
+        (self.dir / "job.json").write_text(self.cmd.model_dump_json(indent=2))
+        t0 = time.perf_counter()
+        try:
+            self.proc = await process.spawn(self.settings.trainer_cmd, self._env(dataset), str(self.dir))
+        except OSError as exc:
+            return Outcome(JobStatus.failed, ExitClass.infrastructure, f"cannot start trainer: {exc}")
+        spawn_ms = (time.perf_counter() - t0) * 1000
+        (self.dir / "trainer.pid").write_text(str(self.proc.pid))
+        await self.events.emit(JobStatusChanged(
+            status=JobStatus.running, runner=self.settings.runner_id, host=host,
+            reason=f"trainer pid {self.proc.pid} on {host}",
+            details={"pid": self.proc.pid, "dataset": str(dataset), "slot": self.slot, "spawn_ms": round(spawn_ms, 2),
+                     "cuda_visible_devices": self._env(dataset).get("CUDA_VISIBLE_DEVICES", "")},
+        ))
+        assert self.proc.stdout and self.proc.stderr
+        pumps = [asyncio.create_task(process.pump(self.proc.stdout, lambda t: self.events.line(t, "stdout"))),
+                 asyncio.create_task(process.pump(self.proc.stderr, lambda t: self.events.line(t, "stderr")))]
+        side = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._heartbeat_loop()),
+                asyncio.create_task(self._cancel_watch())]
+        timed_out = False
+        try:
+            await asyncio.wait_for(self.proc.wait(), self.cmd.spec.timeout_s)
+        except asyncio.TimeoutError:
+            timed_out = True
+            await process.stop_group(self.proc, self.settings.kill_grace_s)
+        finally:
+            process.signal_group(self.proc.pid, 9)  # nothing of the group outlives the attempt
+            for t in side:
+                t.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        await self._replay_spool()
+        return classify_exit(self.proc.returncode or 0, list(self.events.tail), cancelled=self.cancel_reason is not None,
+                             timed_out=timed_out, cancel_reason=self.cancel_reason or "")
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.log_flush_s)
+            await self.events.flush_logs()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self.events.emit(Heartbeat(runner=self.settings.runner_id, pid=self.proc.pid if self.proc else None))
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _cancel_watch(self) -> None:
+        await self._cancel_event.wait()
+        assert self.proc is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self.proc.wait()), self.settings.cancel_grace_s)
+        except asyncio.TimeoutError:
+            await process.stop_group(self.proc, self.settings.kill_grace_s)
+
+    async def _replay_spool(self) -> None:
+        """Publish what a killed trainer left in its spool (the SDK's stable event ids make this idempotent)."""
+        spool = self.dir / "spool"
+        if not spool.is_dir() or not any(spool.iterdir()):
+            return
+        try:
+            from kiln_sdk.spool import replay
+
+            await replay(spool, self.settings.nats_url)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("spool replay of %s failed: %s", self.cmd.job_id, exc)
+

@@ -1,0 +1,75 @@
+"""Composition root of a runner: FastStream broker, durable pull consumer of the pool, cancel listener."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.middlewares import AckPolicy
+
+from kiln_contracts import streams, subjects
+
+from .handlers import Runner
+from .settings import Settings
+
+log = logging.getLogger("kiln.runner")
+
+
+async def _raw(msg):  # type: ignore[no-untyped-def]
+    return msg.body  # the handler validates itself, so that a bad command is dead-lettered, not retried
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    broker = NatsBroker(settings.nats_url, max_reconnect_attempts=-1, name=f"kiln-runner-{settings.runner_id}")
+    nc = await broker.connect()
+    js = nc.jetstream()
+    await streams.ensure_streams(js)
+    consumer = streams.runner_consumer(settings.pool, max_ack_pending=1000, ack_wait=settings.ack_wait_s)
+    await js.add_consumer(streams.JOBS.name or "", consumer)
+    runner = Runner(settings, nc, await js.key_value(streams.CLAIMS_BUCKET))
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+
+    @broker.subscriber(
+        subjects.start(settings.pool),
+        stream=JStream(streams.JOBS.name or "", declare=False),
+        durable=consumer.durable_name,
+        pull_sub=PullSub(batch_size=1, timeout=1.0),
+        ack_policy=AckPolicy.MANUAL,
+        decoder=_raw,
+        title=f"runner-{settings.pool}",
+        description="Claims StartJob commands of this pool and runs the trainer.",
+    )
+    async def on_start(msg: NatsMessage) -> None:
+        await runner.on_start(msg)
+
+    cancel_sub = await nc.subscribe(subjects.CANCEL_ALL, cb=runner.on_cancel)
+    await broker.start()
+    log.info("runner %s up: pool %s, %d slot(s)", settings.runner_id, settings.pool, settings.slots)
+    await stop.wait()
+    log.info("runner %s shutting down: no new work; %d job(s) running", settings.runner_id, len(runner.jobs))
+    runner.draining = True
+    for sub in broker.subscribers:
+        await sub.stop()
+    await runner.drain(settings.shutdown_grace_s)
+    await cancel_sub.unsubscribe()
+    await broker.stop()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings()
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop)
+
+    asyncio.run(_main())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Settings of a runner (env prefix KILN_RUNNER_)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KILN_RUNNER_")
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    pool: str = "default"
+    slots: int = Field(1, ge=1, le=64, description="Concurrent trainers (one per GPU on a GPU host).")
+    gpus: list[str] = Field(default_factory=list, description="GPU ids, one per slot: CUDA_VISIBLE_DEVICES of each slot.")
+    runner_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    work_dir: Path = Path("var/runner")
+    trainer_cmd: list[str] = Field(default_factory=lambda: [sys.executable, "-m", "kiln_trainer_ultralytics"])
+    heartbeat_s: float = 5.0
+    cancel_grace_s: float = 20.0  # after a cancel: time to stop at a batch boundary and checkpoint, then SIGTERM
+    kill_grace_s: float = 5.0  # after SIGTERM: then SIGKILL to the whole process group
+    shutdown_grace_s: float = 30.0
+    log_flush_s: float = 0.1
+    ack_wait_s: float = 60.0
