@@ -22,6 +22,13 @@ EVENTS_ALL = f"{PREFIX}.evt.>"
 LOGS_ALL = f"{PREFIX}.log.>"
 DLQ_ALL = f"{PREFIX}.dlq.>"
 
+# Address templates (AsyncAPI notation) of the same subjects.
+START_ADDRESS = PREFIX + ".cmd.start.{pool}"
+CANCEL_ADDRESS = PREFIX + ".cmd.cancel.{job_id}"
+EVENT_ADDRESS = PREFIX + ".evt.{project}.{job_id}.%s"
+LOG_ADDRESS = PREFIX + ".log.{project}.{job_id}"
+DLQ_ADDRESS = PREFIX + ".dlq.{consumer}"
+
 
 def token(value: str) -> str:
     """Return ``value`` if it is a safe subject token, else raise ``ValueError``.

@@ -7,9 +7,29 @@ Ownership (each table has one writer):
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from sqlalchemy import (
-    JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text,
+    JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text, TypeDecorator,
 )
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):  # type: ignore[no-untyped-def]
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value, dialect):  # type: ignore[no-untyped-def]
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
 
 metadata = MetaData()
 
@@ -20,11 +40,11 @@ jobs = Table(
     Column("name", String(200), nullable=False, default=""),
     Column("pool", String(64), nullable=False),
     Column("spec", JSON, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("submitted_at", DateTime(timezone=True), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("submitted_at", UTCDateTime(), nullable=True),
     Column("attempt", Integer, nullable=False, default=0),
     Column("rerun_of", String(64), nullable=True),
-    Column("cancel_requested_at", DateTime(timezone=True), nullable=True),
+    Column("cancel_requested_at", UTCDateTime(), nullable=True),
 )
 
 job_status = Table(
@@ -40,10 +60,10 @@ job_status = Table(
     Column("epoch", Integer, nullable=True),
     Column("epochs", Integer, nullable=True),
     Column("details", JSON, nullable=False, default=dict),
-    Column("started_at", DateTime(timezone=True), nullable=True),
-    Column("finished_at", DateTime(timezone=True), nullable=True),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("last_heartbeat_at", DateTime(timezone=True), nullable=True),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("last_heartbeat_at", UTCDateTime(), nullable=True),
 )
 
 status_events = Table(
@@ -53,7 +73,7 @@ status_events = Table(
     Column("attempt", Integer, nullable=False),
     Column("status", String(16), nullable=False),
     Column("reason", Text, nullable=False, default=""),
-    Column("time", DateTime(timezone=True), nullable=False),
+    Column("time", UTCDateTime(), nullable=False),
     Index("ix_status_events_job", "job_id", "time"),
 )
 
@@ -66,7 +86,7 @@ metrics = Table(
     Column("kind", String(16), nullable=False),  # "epoch" or "metrics"
     Column("step", BigInteger, nullable=False),
     Column("value", Float, nullable=True),
-    Column("time", DateTime(timezone=True), nullable=False),
+    Column("time", UTCDateTime(), nullable=False),
     Index("ix_metrics_job_key_step", "job_id", "key", "step"),
 )
 
@@ -78,7 +98,7 @@ logs = Table(
     Column("attempt", Integer, nullable=False),
     Column("stream", String(16), nullable=False),
     Column("text", Text, nullable=False),
-    Column("time", DateTime(timezone=True), nullable=False),
+    Column("time", UTCDateTime(), nullable=False),
     Index("ix_logs_job_time", "job_id", "time"),
 )
 
@@ -92,5 +112,5 @@ artifacts = Table(
     Column("size", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("epoch", Integer, nullable=True),
-    Column("time", DateTime(timezone=True), nullable=False),
+    Column("time", UTCDateTime(), nullable=False),
 )
