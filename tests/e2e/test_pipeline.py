@@ -1,0 +1,124 @@
+"""The whole path on real parts: `kiln up` stack (bundled nats-server, real service processes), REST, a real
+2-epoch YOLO training in a subprocess, metrics in SQLite/PostgreSQL, a real WebSocket client."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+import websockets
+from sqlalchemy import func, select
+
+from kiln_local.stack import Stack, StackConfig, free_port
+from kiln_local.synth import make_detection_dataset
+from kiln_store import make_engine, metrics
+
+pytestmark = pytest.mark.e2e
+TRAIN = {"epochs": 2, "imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "warmup_epochs": 0, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_detection_dataset(tmp_path_factory.mktemp("ds") / "shapes", n_train=16, n_val=8, imgsz=64)
+
+
+@pytest.fixture()
+def stack(tmp_path, db_url):
+    cfg = StackConfig(data_dir=tmp_path / "kiln", api_port=free_port(), notifier_port=free_port(),
+                      nats_port=free_port(), db_url=db_url)
+    with Stack(cfg) as s:
+        yield s
+
+
+def wait_status(api: str, job_id: str, want: set[str], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    job = {}
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{api}/api/v1/jobs/{job_id}", timeout=10).json()
+        if job["status"] in want:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} stayed {job.get('status')}")
+
+
+async def collect_until_finished(ws_url: str, job_id: str, timeout: float = 180) -> list[dict]:
+    received = []
+    async with websockets.connect(f"{ws_url}/api/v1/ws/jobs/{job_id}", max_size=None) as ws:
+        async with asyncio.timeout(timeout):
+            async for raw in ws:
+                msg = json.loads(raw)
+                if msg.get("type") != "event":
+                    continue
+                received.append(msg)
+                if msg["event"]["data"]["kind"] == "finished":
+                    return received
+    raise AssertionError("socket closed before the job finished")
+
+
+def test_rest_to_training_to_db_to_websocket(stack, dataset, db_url):
+    api = stack.api_url
+    r = httpx.post(f"{api}/api/v1/jobs", json={"name": "e2e", "model": "yolov8n.yaml", "dataset": str(dataset),
+                                               "train": TRAIN}, timeout=10)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    assert r.json()["status"] == "created"
+
+    async def scenario():
+        watcher = asyncio.create_task(collect_until_finished(stack.ws_url, job_id))
+        await asyncio.sleep(0.3)  # the client is subscribed before the job starts: everything arrives live
+        async with httpx.AsyncClient() as client:
+            started = await client.post(f"{api}/api/v1/jobs/{job_id}/start", timeout=10)
+        assert started.status_code == 202, started.text
+        return await watcher
+
+    received = asyncio.run(scenario())
+    kinds = [m["event"]["data"]["kind"] for m in received]
+    epochs = [m["event"]["data"]["epoch"] for m in received if m["event"]["data"]["kind"] == "epoch"]
+    assert epochs == [1, 2], kinds
+    statuses = [m["event"]["data"]["status"] for m in received if m["event"]["data"]["kind"] in ("status", "finished")]
+    assert statuses == ["queued", "starting", "running", "completed"], statuses
+    seqs = [m["seq"] for m in received if m["stream"] == "events"]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    first_epoch = next(m["event"]["data"] for m in received if m["event"]["data"]["kind"] == "epoch")
+    for key in ("train/box_loss", "train/cls_loss", "metrics/mAP50(B)", "metrics/mAP50-95(B)", "lr/pg0"):
+        assert key in first_epoch["metrics"], key
+
+    job = wait_status(api, job_id, {"completed"}, timeout=30)
+    assert job["exit_code"] == 0 and job["epoch"] == 2
+    assert [t["status"] for t in job["timeline"]] == ["queued", "starting", "running", "completed"]
+
+    deadline = time.monotonic() + 10
+    while True:  # the writer may commit the last batch a moment after the status
+        rows = httpx.get(f"{api}/api/v1/jobs/{job_id}/epochs", timeout=10).json()
+        if len(rows) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert "metrics/mAP50(B)" in rows[1]["metrics"]
+    series = httpx.get(f"{api}/api/v1/jobs/{job_id}/metrics", params={"keys": "train/box_loss"}).json()["series"]
+    assert series["train/box_loss"]["steps"] == [1, 2]
+    logs = httpx.get(f"{api}/api/v1/jobs/{job_id}/logs", params={"tail": 10000}).json()
+    assert logs and any("kiln" in line["text"].lower() or "epoch" in line["text"].lower() for line in logs)
+
+    async def rows_in_db():  # straight from the database, not through the API
+        engine = make_engine(db_url)
+        async with engine.connect() as conn:
+            res = await conn.execute(select(metrics.c.step, func.count()).where(
+                metrics.c.job_id == job_id, metrics.c.kind == "epoch").group_by(metrics.c.step).order_by(metrics.c.step))
+            out = [tuple(r) for r in res.all()]
+        await engine.dispose()
+        return out
+
+    per_epoch = asyncio.run(rows_in_db())
+    assert [s for s, _ in per_epoch] == [1, 2] and all(n >= 8 for _, n in per_epoch)
+
+
+def test_missing_dataset_fails_with_the_reason(stack):
+    r = httpx.post(f"{stack.api_url}/api/v1/jobs", json={"model": "yolov8n.yaml", "dataset": "/no/such/dataset",
+                                                         "start": True, "train": TRAIN}, timeout=10)
+    assert r.status_code == 201, r.text
+    job = wait_status(stack.api_url, r.json()["id"], {"failed", "completed"}, timeout=60)
+    assert job["status"] == "failed"
+    assert "dataset not found: /no/such/dataset" in job["reason"]
+    assert job["exit_class"] == "user_error"
