@@ -21,7 +21,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import subjects
-from .commands import SCHEMA_VERSION, utcnow
+from .commands import SCHEMA_VERSION, JobSpec, utcnow
 
 
 class JobStatus(str, Enum):
@@ -81,8 +81,11 @@ class JobStatusChanged(_Payload):
     runner: str = Field("", description="Runner id that holds the job, when one does.")
     host: str = Field("", description="Host name of that runner.")
     details: dict[str, str | int | float | bool | None] = Field(
-        default_factory=dict, description="Extra facts: pid, resolved dataset path, snapshot hash, versions."
+        default_factory=dict,
+        description="Reproducibility record on 'running': pid, dataset path and snapshot hash, seed, slot, "
+                    "CUDA_VISIBLE_DEVICES, host, versions of kiln/ultralytics/torch/CUDA.",
     )
+    spec: JobSpec | None = Field(None, description="The job's spec, on 'starting' (hyper-parameters for trackers).")
 
 
 class EpochCompleted(_Payload):

@@ -52,7 +52,14 @@ DLQ = api.StreamConfig(
 STREAMS = (JOBS, EVENTS, LOGS, DLQ)
 
 CLAIMS_BUCKET = "kiln_claims"
-"""KV bucket: key ``<job_id>.<attempt>`` created atomically by the runner that claims the attempt."""
+"""KV bucket: key ``<job_id>.<attempt>`` created atomically by the runner that claims the attempt;
+``<job_id>.cancel`` set by the API when a job is cancelled (checked before spawning)."""
+RUNNING_BUCKET = "kiln_running"
+"""KV bucket: key ``<job_id>`` -> the running attempt (runner, StartJob, last checkpoint), rewritten at every
+heartbeat and deleted when the attempt ends.  The reaper treats a key whose revision stops moving as lost."""
+LEASES_BUCKET = "kiln_leases"
+"""KV bucket: leader leases (key ``reaper``), taken and renewed with compare-and-set."""
+BUCKETS = ((CLAIMS_BUCKET, 30 * DAY), (RUNNING_BUCKET, 0.0), (LEASES_BUCKET, 0.0))
 
 
 def runner_consumer(pool: str, max_ack_pending: int = 1, ack_wait: float = 60.0) -> api.ConsumerConfig:
@@ -106,10 +113,11 @@ async def ensure_streams(js: JetStreamContext) -> None:
             await js.update_stream(cfg)
         except BadRequestError as exc:  # e.g. retention cannot change: keep the existing one, say so
             log.warning("stream %s not updated: %s", cfg.name, exc)
-    try:
-        await js.key_value(CLAIMS_BUCKET)
-    except (NotFoundError, Exception):  # bucket missing: nats-py raises BucketNotFoundError
-        await js.create_key_value(bucket=CLAIMS_BUCKET, history=1, ttl=30 * DAY)
+    for bucket, ttl in BUCKETS:
+        try:
+            await js.key_value(bucket)
+        except NotFoundError:  # nats-py raises BucketNotFoundError, a NotFoundError
+            await js.create_key_value(bucket=bucket, history=1, ttl=ttl or None)
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig) -> None:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from kiln_contracts import CancelJob, Event, ExitClass, JobFinished, JobStatus, StartJob, subjects
 
+from .adapters.datasets import DatasetCache
 from .jobs import RunningJob
 from .settings import Settings
 from .slots import Slots
@@ -22,13 +23,16 @@ log = logging.getLogger("kiln.runner")
 
 
 class Runner:
-    def __init__(self, settings: Settings, nc: NATS, kv: KeyValue) -> None:
-        self.settings, self.nc, self.kv = settings, nc, kv
+    def __init__(self, settings: Settings, nc: NATS, kv: KeyValue, registry: KeyValue | None = None) -> None:
+        self.settings, self.nc, self.kv, self.registry = settings, nc, kv, registry
+        self.datasets = DatasetCache(settings.dataset_cache or settings.work_dir / "datasets", self._s3_client,
+                                     settings.s3_allowed_buckets)
         self.js = nc.jetstream()
         self.slots = Slots(settings.slots)
         self.jobs: dict[str, RunningJob] = {}
         self.tasks: set[asyncio.Task[object]] = set()
         self.draining = False
+        self._drain_event = asyncio.Event()
 
     async def on_start(self, msg: NatsMessage) -> None:
         """Claim the attempt, take a slot, spawn, ack; return only once a slot is free again."""
@@ -51,13 +55,26 @@ class Runner:
             await msg.ack()
             return
         slot = await self.slots.take()
-        job = RunningJob(cmd, self.settings, self.js, slot)
+        job = RunningJob(cmd, self.settings, self.js, slot, self.registry, self.datasets)
         self.jobs[cmd.job_id] = job
         task = asyncio.create_task(self._run(job, slot))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         await msg.ack()
-        await self.slots.wait_free()
+        # Hold the fetch loop until a slot is free again (so nothing is fetched that cannot start), or shutdown.
+        waiters = [asyncio.ensure_future(self.slots.wait_free()), asyncio.ensure_future(self._drain_event.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+
+    def stop_taking_work(self) -> None:
+        self.draining = True
+        self._drain_event.set()
+
+    def _s3_client(self):  # type: ignore[no-untyped-def]
+        import boto3  # credentials: the runner's environment / AWS config, never the job
+
+        return boto3.client("s3", endpoint_url=self.settings.s3_endpoint_url, region_name=self.settings.s3_region)
 
     async def _run(self, job: RunningJob, slot: int) -> None:
         try:
@@ -106,12 +123,12 @@ class Runner:
             job.cancel(cmd.reason)
 
     async def drain(self, grace_s: float) -> None:
-        """Stop taking work; give running jobs ``grace_s`` to finish, then stop them (their end is reported)."""
-        self.draining = True
+        """Stop taking work; give running jobs ``grace_s`` to finish, then hand them back for another runner."""
+        self.stop_taking_work()
         if self.tasks:
             done, pending = await asyncio.wait(set(self.tasks), timeout=grace_s)
             for job in list(self.jobs.values()):
+                job.hand_back = True
                 job.cancel("runner shut down before the job finished")
-                job.shutting_down = True
             if pending:
                 await asyncio.wait(pending, timeout=self.settings.cancel_grace_s + self.settings.kill_grace_s + 10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -11,27 +12,39 @@ import time
 from pathlib import Path
 
 from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 
-from kiln_contracts import ExitClass, Heartbeat, JobFinished, JobStatus, JobStatusChanged, StartJob
+from kiln_contracts import (
+    Event, ExitClass, Heartbeat, JobFinished, JobStatus, JobStatusChanged, StartJob, utcnow,
+)
 
 from .adapters import process
-from .adapters.datasets import DatasetError, resolve_local
+from .adapters.datasets import DatasetCache, DatasetError, Resolved
 from .adapters.events import JobEvents
 from .domain import Outcome, classify_exit
 from .settings import Settings
+from .versions import versions
 
 log = logging.getLogger("kiln.runner")
 _SCRUB_PREFIXES = ("KILN_RUNNER_", "KILN_API_", "KILN_WRITER_", "KILN_NOTIFIER_", "AWS_")
 
 
 class RunningJob:
-    def __init__(self, cmd: StartJob, settings: Settings, js: JetStreamContext, slot: int) -> None:
+    def __init__(self, cmd: StartJob, settings: Settings, js: JetStreamContext, slot: int,
+                 registry: KeyValue | None = None, datasets: DatasetCache | None = None) -> None:
         self.cmd, self.settings, self.js, self.slot = cmd, settings, js, slot
+        self.registry = registry
+        self.datasets = datasets or DatasetCache(settings.work_dir / "datasets")
+        self.spawn_ms: float | None = None
+        self._reg_rev = 0
+        self._reg_lock = asyncio.Lock()
+        self.fenced = False  # the reaper declared this attempt lost: report nothing terminal
         self.events = JobEvents(js, cmd)
         self.dir = (settings.work_dir / "jobs" / f"{cmd.job_id}-{cmd.attempt}").resolve()
         self.proc: asyncio.subprocess.Process | None = None
         self.cancel_reason: str | None = None
-        self.shutting_down = False
+        self.hand_back = False  # runner shutdown: requeue as the next attempt instead of ending the job
         self._cancel_event = asyncio.Event()
 
     # --- control from outside -------------------------------------------------------------------------
@@ -47,7 +60,7 @@ class RunningJob:
     async def run(self) -> Outcome:
         host = socket.gethostname()
         await self.events.emit(JobStatusChanged(status=JobStatus.starting, runner=self.settings.runner_id, host=host,
-                                                reason=f"claimed by {self.settings.runner_id}"))
+                                                reason=f"claimed by {self.settings.runner_id}", spec=self.cmd.spec))
         try:
             outcome = await self._run(host)
         except DatasetError as exc:
@@ -55,9 +68,15 @@ class RunningJob:
         except Exception as exc:  # noqa: BLE001 - a runner bug or a broken host must still end the job
             log.exception("job %s failed in the runner", self.cmd.job_id)
             outcome = Outcome(JobStatus.failed, ExitClass.infrastructure, f"runner error: {exc}")
-        if self.shutting_down and outcome.status == JobStatus.cancelled:
-            outcome = Outcome(JobStatus.failed, ExitClass.infrastructure, "runner shut down before the job finished")
         await self.events.flush_logs()
+        await self._unregister()
+        if self.hand_back and outcome.status == JobStatus.cancelled:
+            await self._requeue(f"runner {self.settings.runner_id} shut down; handed back")
+            return outcome
+        if self.fenced:
+            log.warning("job %s attempt %s was taken over by the reaper; not reporting its end", self.cmd.job_id,
+                        self.cmd.attempt)
+            return outcome
         code = self.proc.returncode if self.proc else None
         await self.events.emit(JobFinished(status=outcome.status, reason=outcome.reason, exit_code=code,
                                            exit_class=outcome.exit_class, last_logs=list(self.events.tail)))
@@ -82,26 +101,35 @@ class RunningJob:
 
     async def _run(self, host: str) -> Outcome:
         self.dir.mkdir(parents=True, exist_ok=True)
-        dataset = resolve_local(self.cmd.spec.dataset, self.cmd.spec.task.value)
+        beat = asyncio.create_task(self._heartbeat_loop())  # beats while the dataset downloads, too
+        try:
+            data = await self.datasets.resolve(self.cmd.spec.dataset, self.cmd.spec.task.value,
+                                               lambda line: self.events.line(line, "runner"))
+            return await self._train(host, data)
+        finally:
+            beat.cancel()
+
+    async def _train(self, host: str, data: Resolved) -> Outcome:
         (self.dir / "job.json").write_text(self.cmd.model_dump_json(indent=2))
+        env = self._env(data.data)
         t0 = time.perf_counter()
         try:
-            self.proc = await process.spawn(self.settings.trainer_cmd, self._env(dataset), str(self.dir))
+            self.proc = await process.spawn(self.settings.trainer_cmd, env, str(self.dir))
         except OSError as exc:
             return Outcome(JobStatus.failed, ExitClass.infrastructure, f"cannot start trainer: {exc}")
-        spawn_ms = (time.perf_counter() - t0) * 1000
-        (self.dir / "trainer.pid").write_text(str(self.proc.pid))
-        await self.events.emit(JobStatusChanged(
-            status=JobStatus.running, runner=self.settings.runner_id, host=host,
-            reason=f"trainer pid {self.proc.pid} on {host}",
-            details={"pid": self.proc.pid, "dataset": str(dataset), "slot": self.slot, "spawn_ms": round(spawn_ms, 2),
-                     "cuda_visible_devices": self._env(dataset).get("CUDA_VISIBLE_DEVICES", "")},
-        ))
+        self.spawn_ms = (time.perf_counter() - t0) * 1000
+        await self._register()
+        record = {"pid": self.proc.pid, "dataset_path": str(data.data), "dataset_snapshot": data.snapshot,
+                  "dataset_files": data.files, "dataset_cached": data.cached, "slot": self.slot,
+                  "spawn_ms": round(self.spawn_ms, 2), "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES", ""),
+                  "seed": self.cmd.spec.train.seed, "host": host, "runner": self.settings.runner_id,
+                  "resume_from": self.cmd.resume_from, **{f"version_{k}": v for k, v in versions().items()}}
+        await self.events.emit(JobStatusChanged(status=JobStatus.running, runner=self.settings.runner_id, host=host,
+                                                reason=f"trainer pid {self.proc.pid} on {host}", details=record))
         assert self.proc.stdout and self.proc.stderr
         pumps = [asyncio.create_task(process.pump(self.proc.stdout, lambda t: self.events.line(t, "stdout"))),
                  asyncio.create_task(process.pump(self.proc.stderr, lambda t: self.events.line(t, "stderr")))]
-        side = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._heartbeat_loop()),
-                asyncio.create_task(self._cancel_watch())]
+        side = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._cancel_watch())]
         timed_out = False
         try:
             await asyncio.wait_for(self.proc.wait(), self.cmd.spec.timeout_s)
@@ -117,6 +145,16 @@ class RunningJob:
         return classify_exit(self.proc.returncode or 0, list(self.events.tail), cancelled=self.cancel_reason is not None,
                              timed_out=timed_out, cancel_reason=self.cancel_reason or "")
 
+    async def _requeue(self, why: str) -> None:
+        """Publish the next attempt (resuming from the last checkpoint) for another runner; no terminal event."""
+        nxt = self.cmd.model_copy(update={"attempt": self.cmd.attempt + 1, "issued_at": utcnow(),
+                                          "resume_from": self._checkpoint() or self.cmd.resume_from})
+        await self.js.publish(nxt.subject, nxt.model_dump_json().encode(), headers={"Nats-Msg-Id": nxt.msg_id})
+        ev = Event.new(job_id=nxt.job_id, project=nxt.spec.project, attempt=nxt.attempt, seq=1, source="runner",
+                       data=JobStatusChanged(status=JobStatus.queued, reason=f"{why} as attempt {nxt.attempt}"))
+        await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
+        log.info("job %s handed back as attempt %s", nxt.job_id, nxt.attempt)
+
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.log_flush_s)
@@ -125,7 +163,51 @@ class RunningJob:
     async def _heartbeat_loop(self) -> None:
         while True:
             await self.events.emit(Heartbeat(runner=self.settings.runner_id, pid=self.proc.pid if self.proc else None))
+            await self._register()
+            if self.fenced:
+                log.error("job %s attempt %s declared lost by the reaper; stopping its trainer", self.cmd.job_id,
+                          self.cmd.attempt)
+                if self.proc is not None:
+                    await process.stop_group(self.proc, self.settings.kill_grace_s)
+                return
             await asyncio.sleep(self.settings.heartbeat_s)
+
+    @property
+    def registry_key(self) -> str:
+        return f"{self.cmd.job_id}.{self.cmd.attempt}"
+
+    def _checkpoint(self) -> str | None:
+        last = self.dir / "train" / "weights" / "last.pt"
+        return str(last) if last.exists() else None
+
+    async def _register(self) -> None:
+        """Create/refresh this attempt's entry in the running registry (compare-and-set: detects fencing)."""
+        if self.registry is None:
+            return
+        rec = {"runner": self.settings.runner_id, "cmd": self.cmd.model_dump(mode="json"),
+               "pid": self.proc.pid if self.proc else None, "checkpoint": self._checkpoint()}
+        async with self._reg_lock:
+            await self._put(rec)
+
+    async def _put(self, rec: dict) -> None:
+        assert self.registry is not None
+        try:
+            if self._reg_rev == 0:
+                self._reg_rev = await self.registry.create(self.registry_key, json.dumps(rec).encode())
+            else:
+                self._reg_rev = await self.registry.update(self.registry_key, json.dumps(rec).encode(),
+                                                           last=self._reg_rev)
+        except KeyWrongLastSequenceError:
+            self.fenced = True
+        except Exception as exc:  # noqa: BLE001 - bus trouble: try again at the next beat
+            log.warning("registry update of %s failed: %s", self.registry_key, exc)
+
+    async def _unregister(self) -> None:
+        if self.registry is not None and self._reg_rev and not self.fenced:
+            try:
+                await self.registry.delete(self.registry_key, last=self._reg_rev)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("registry delete of %s failed: %s", self.registry_key, exc)
 
     async def _cancel_watch(self) -> None:
         await self._cancel_event.wait()

@@ -12,6 +12,7 @@ from faststream.middlewares import AckPolicy
 from kiln_contracts import streams, subjects
 
 from .handlers import Runner
+from .reaper import Reaper, open_buckets
 from .settings import Settings
 
 log = logging.getLogger("kiln.runner")
@@ -28,7 +29,12 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     await streams.ensure_streams(js)
     consumer = streams.runner_consumer(settings.pool, max_ack_pending=1000, ack_wait=settings.ack_wait_s)
     await js.add_consumer(streams.JOBS.name or "", consumer)
-    runner = Runner(settings, nc, await js.key_value(streams.CLAIMS_BUCKET))
+    registry, leases = await open_buckets(js)
+    runner = Runner(settings, nc, await js.key_value(streams.CLAIMS_BUCKET), registry)
+    reaper_stop = asyncio.Event()
+    reaper = Reaper(js, registry, leases, settings.runner_id, lost_after_s=settings.lost_after_s,
+                    lease_s=settings.reaper_lease_s)
+    reaper_task = asyncio.create_task(reaper.run(reaper_stop)) if settings.reaper else None
     settings.work_dir.mkdir(parents=True, exist_ok=True)
 
     @broker.subscriber(
@@ -49,10 +55,13 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     log.info("runner %s up: pool %s, %d slot(s)", settings.runner_id, settings.pool, settings.slots)
     await stop.wait()
     log.info("runner %s shutting down: no new work; %d job(s) running", settings.runner_id, len(runner.jobs))
-    runner.draining = True
+    runner.stop_taking_work()
     for sub in broker.subscribers:
         await sub.stop()
     await runner.drain(settings.shutdown_grace_s)
+    reaper_stop.set()
+    if reaper_task:
+        await reaper_task
     await cancel_sub.unsubscribe()
     await broker.stop()
 

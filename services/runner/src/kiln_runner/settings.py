@@ -27,3 +27,10 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = 30.0
     log_flush_s: float = 0.1
     ack_wait_s: float = 60.0
+    dataset_cache: Path | None = None  # default: <work_dir>/datasets
+    s3_endpoint_url: str | None = None  # from the runner's configuration, never from a job
+    s3_region: str = "us-east-1"
+    s3_allowed_buckets: list[str] = Field(default_factory=list, description="Empty: any bucket the credentials reach.")
+    reaper: bool = True  # every runner is a reaper candidate; a KV lease keeps one active
+    lost_after_s: float = 25.0  # heartbeat silence before an attempt is retried or marked lost
+    reaper_lease_s: float = 10.0

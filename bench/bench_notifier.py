@@ -1,0 +1,174 @@
+"""Benchmark: publish-to-WebSocket latency of the notifier (a script, not a test).
+
+Starts its own nats-server (JetStream, temporary store) and a notifier process, connects one WebSocket client
+per job to ``/api/v1/ws/jobs/<job_id>``, publishes ``EpochCompleted`` events for every job at ``--rate`` per
+second for ``--duration`` seconds, and prints the latency from the event's creation (just before
+``js.publish``) to its arrival at the client, plus delivery checks (lost, duplicated, out of order).
+
+    .venv/bin/python bench/bench_notifier.py                      # 100 jobs x 10 events/s, 100 clients, 10 s
+    .venv/bin/python bench/bench_notifier.py --jobs 20 --duration 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import nats
+import websockets
+from kiln_contracts import EpochCompleted, Event
+from kiln_contracts.streams import ensure_streams
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from kiln_testing import NatsServer, free_port  # noqa: E402
+
+
+def start_notifier(nats_url: str, port: int) -> subprocess.Popen[bytes]:
+    """The notifier in its own process, as deployed (so the bench's clients do not share its event loop)."""
+    env = os.environ | {
+        "KILN_NOTIFIER_NATS_URL": nats_url, "KILN_NOTIFIER_PORT": str(port), "KILN_NOTIFIER_LOG_LEVEL": "WARNING",
+    }
+    return subprocess.Popen([sys.executable, "-c", "from kiln_notifier.main import main; main()"], env=env)
+
+
+async def wait_healthy(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/healthz")).json().get("nats"):
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("notifier did not become healthy")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), to report what the notifier itself cost."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Client:
+    """One WebSocket client watching one job; records latencies and sequence anomalies."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.latencies: list[tuple[float, float]] = []  # (sent at, latency)
+        self.seen: set[str] = set()
+        self.duplicates = self.out_of_order = 0
+        self.ready = asyncio.Event()
+
+    async def run(self, port: int, stop: asyncio.Event) -> None:
+        url = f"ws://127.0.0.1:{port}/api/v1/ws/jobs/{self.job_id}"
+        async with websockets.connect(url, proxy=None, open_timeout=30, max_queue=None) as ws:
+            last_seq = 0
+            while not stop.is_set():
+                try:
+                    raw = await asyncio.wait_for(ws.recv(), 0.5)
+                except asyncio.TimeoutError:
+                    continue
+                now = time.time()
+                msg = json.loads(raw)
+                if msg["type"] == "subscribed":
+                    self.ready.set()
+                if msg["type"] != "event":
+                    continue
+                sent = datetime.fromisoformat(msg["event"]["time"]).timestamp()
+                self.latencies.append((sent, now - sent))
+                self.duplicates += msg["event"]["id"] in self.seen
+                self.seen.add(msg["event"]["id"])
+                self.out_of_order += msg["seq"] <= last_seq
+                last_seq = msg["seq"]
+
+
+async def publish(js, job_id: str, rate: float, until: float, offset: float) -> int:
+    """Publish ``rate`` events/s for one job until ``until`` (monotonic); returns how many were published."""
+    await asyncio.sleep(offset)  # spread the jobs over the period instead of publishing in lockstep
+    n, period, start = 0, 1.0 / rate, time.monotonic()
+    while time.monotonic() < until:
+        n += 1
+        ev = Event.new(job_id=job_id, project="bench", attempt=1, seq=n, source="trainer",
+                       data=EpochCompleted(epoch=n, epochs=10**6, metrics={"metrics/mAP50(B)": 0.5, "fitness": 0.4}))
+        await js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
+        await asyncio.sleep(max(0.0, start + n * period - time.monotonic()))
+    return n
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
+
+
+async def bench(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as store:
+        server = NatsServer(Path(store))
+        server.start()
+        port = free_port()
+        notifier = start_notifier(server.url, port)
+        try:
+            await wait_healthy(port)
+            nc = await nats.connect(server.url)
+            js = nc.jetstream()
+            await ensure_streams(js)
+            jobs = [f"bench-{i:04d}-{os.urandom(3).hex()}" for i in range(args.jobs)]
+            clients = [Client(job) for job in jobs]
+            stop = asyncio.Event()
+            tasks = [asyncio.create_task(c.run(port, stop)) for c in clients]
+            await asyncio.wait_for(asyncio.gather(*(c.ready.wait() for c in clients)), 60)
+            cpu0, t0, wall0 = cpu_seconds(notifier.pid), time.monotonic(), time.time()
+            until = t0 + args.duration
+            counts = await asyncio.gather(*(publish(js, job, args.rate, until, i / args.jobs / args.rate)
+                                            for i, job in enumerate(jobs)))
+            await asyncio.sleep(args.drain)
+            cpu = cpu_seconds(notifier.pid) - cpu0
+            elapsed = time.monotonic() - t0
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await nc.close()
+        finally:
+            notifier.terminate()
+            notifier.wait(15)
+            server.stop()
+    report(args, clients, sum(counts), cpu, elapsed, wall0)
+
+
+def report(
+    args: argparse.Namespace, clients: list[Client], published: int, cpu: float, elapsed: float, wall0: float
+) -> None:
+    # Events of the first --warmup seconds count for delivery, not for latency (connections and caches warming up).
+    lat = sorted(x for c in clients for sent, x in c.latencies if sent >= wall0 + args.warmup)
+    received = sum(len(c.seen) for c in clients)
+    print(f"jobs={args.jobs} clients={len(clients)} rate={args.rate}/s/job duration={args.duration}s")
+    print(f"published={published} received={received} lost={published - received} "
+          f"duplicates={sum(c.duplicates for c in clients)} out_of_order={sum(c.out_of_order for c in clients)}")
+    if lat:
+        ms = [x * 1000 for x in lat]
+        print(f"latency ms ({len(ms)} events after {args.warmup:g}s warm-up): p50={pct(ms, 50):.2f} p90={pct(ms, 90):.2f} p99={pct(ms, 99):.2f} max={ms[-1]:.2f}")
+    print(f"notifier CPU: {cpu:.2f}s over {elapsed:.1f}s ({100 * cpu / elapsed:.0f}% of one core), "
+          f"{published / args.duration:.0f} events/s in")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=100, help="jobs, one WebSocket client each")
+    parser.add_argument("--rate", type=float, default=10.0, help="events per second per job")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of publishing")
+    parser.add_argument("--warmup", type=float, default=1.0, help="first seconds left out of the latency figures")
+    parser.add_argument("--drain", type=float, default=2.0, help="seconds to wait for the last events")
+    asyncio.run(bench(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

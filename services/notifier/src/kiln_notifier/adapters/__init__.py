@@ -1,0 +1,1 @@
+"""Adapters: the notifier's ports to the outside (JetStream)."""

@@ -1,0 +1,57 @@
+"""Application factory: FastAPI app whose lifespan owns the NATS connection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from kiln_contracts.streams import ensure_streams
+from nats.aio.client import Client as NATS
+
+from .handlers import Hub, router
+from .settings import NotifierSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: NotifierSettings) -> FastAPI:
+    """Build the notifier app; it connects to NATS when served (lifespan), never at import or build time."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nc = NATS()
+
+        async def disconnected() -> None:
+            if not nc.is_closed:  # closing at shutdown also reports a disconnect: not worth a warning
+                log.warning("NATS disconnected; ordered consumers resume from their last sequence on reconnect")
+
+        await nc.connect(
+            servers=[s.strip() for s in settings.nats_url.split(",")],
+            name="kiln-notifier",
+            max_reconnect_attempts=-1,  # a NATS restart must not take the notifier down with it
+            error_cb=_log_nats_error,
+            disconnected_cb=disconnected,
+            reconnected_cb=_log_reconnected,
+        )
+        js = nc.jetstream()
+        await ensure_streams(js)
+        app.state.hub = Hub(settings=settings, nc=nc, js=js)
+        log.info("notifier connected to %s", nc.connected_url.netloc if nc.connected_url else settings.nats_url)
+        try:
+            yield
+        finally:
+            await nc.close()
+
+    app = FastAPI(title="Kiln notifier", version="0.1.0", lifespan=lifespan)
+    app.include_router(router)
+    return app
+
+
+async def _log_nats_error(exc: Exception) -> None:
+    log.warning("NATS error: %r", exc)
+
+
+async def _log_reconnected() -> None:
+    log.info("NATS reconnected")

@@ -1,0 +1,116 @@
+"""Helpers for the notifier tests (no tests here): a real notifier server, event publishing, WebSocket reading."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import nats
+import websockets
+from kiln_contracts import EpochCompleted, Event, JobFinished, JobStatus, LogBatch, LogLine
+from kiln_contracts.streams import ensure_streams
+from nats.js import JetStreamContext
+from kiln_notifier.main import build_server
+from kiln_notifier.settings import NotifierSettings
+
+from kiln_testing import free_port
+
+
+@contextmanager
+def running_notifier(nats_url: str, **overrides: Any) -> Iterator[str]:
+    """Serve a notifier (uvicorn, its own event loop) in a background thread; yields its ``host:port``."""
+    settings = NotifierSettings(nats_url=nats_url, port=free_port(), log_level="WARNING", **overrides)
+    server = build_server(settings)
+    thread = threading.Thread(target=server.run, name="notifier", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("notifier did not start")
+        time.sleep(0.02)
+    try:
+        yield f"127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def new_job() -> tuple[str, str]:
+    """A fresh (job_id, project), so tests sharing one nats-server never see each other's events."""
+    tag = uuid.uuid4().hex[:10]
+    return f"job-{tag}", f"proj-{tag}"
+
+
+class Publisher:
+    """Publishes Kiln events of one job like the runner/trainer would (envelope, subject, Nats-Msg-Id)."""
+
+    def __init__(self, js: JetStreamContext, job_id: str, project: str) -> None:
+        self.js, self.job_id, self.project, self.seq = js, job_id, project, 0
+
+    async def publish(self, data: Any, source: str = "trainer") -> Event:
+        self.seq += 1
+        ev = Event.new(job_id=self.job_id, project=self.project, attempt=1, seq=self.seq, source=source, data=data)
+        await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
+        return ev
+
+    async def epoch(self, n: int, epochs: int = 3) -> Event:
+        return await self.publish(EpochCompleted(epoch=n, epochs=epochs, metrics={"metrics/mAP50(B)": n / 10}))
+
+    async def finished(self) -> Event:
+        return await self.publish(JobFinished(status=JobStatus.completed), source="runner")
+
+    async def logs(self, *texts: str) -> Event:
+        return await self.publish(LogBatch(lines=[LogLine(text=t) for t in texts]), source="runner")
+
+    async def noisy_logs(self, size: int) -> Event:
+        """A log batch of about ``size`` bytes of incompressible text (fills socket buffers quickly)."""
+        return await self.logs(*(os.urandom(50).hex() for _ in range(max(1, size // 100))))
+
+
+async def connect_js(nats_url: str) -> tuple[nats.NATS, JetStreamContext]:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_streams(js)
+    return nc, js
+
+
+def ws_connect(address: str, path: str, **kwargs: Any) -> Any:
+    """A websockets client; no proxy from the environment, no compression (byte counts stay predictable)."""
+    kwargs.setdefault("compression", None)
+    return websockets.connect(f"ws://{address}{path}", proxy=None, open_timeout=10, **kwargs)
+
+
+async def next_message(ws: Any, timeout: float = 10.0) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))  # type: ignore[no-any-return]
+
+
+async def expect(ws: Any, kind: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Next message, which must be of type ``kind``."""
+    msg = await next_message(ws, timeout)
+    assert msg["type"] == kind, msg
+    return msg
+
+
+async def events(ws: Any, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The next ``n`` messages, which must all be events."""
+    return [await expect(ws, "event", timeout) for _ in range(n)]
+
+
+async def silence(ws: Any, wait: float = 0.5) -> None:
+    """Nothing more arrives within ``wait`` seconds (no duplicate, no stray event)."""
+    try:
+        msg = await asyncio.wait_for(ws.recv(), wait)
+    except asyncio.TimeoutError:
+        return
+    raise AssertionError(f"unexpected message: {msg}")
+
+
+def ids(messages: list[dict[str, Any]]) -> list[str]:
+    return [m["event"]["id"] for m in messages]
