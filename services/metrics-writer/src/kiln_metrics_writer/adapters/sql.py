@@ -6,7 +6,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -31,8 +31,27 @@ def _upsert_status(dialect: str, row: dict[str, Any]):  # type: ignore[no-untype
     )
 
 
+async def _copy_pg(conn: AsyncConnection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """PostgreSQL: COPY into a per-session staging table, then one INSERT .. SELECT .. ON CONFLICT DO NOTHING.
+
+    COPY is about 4x faster than multi-row INSERTs here; the staging step keeps the insert idempotent.
+    """
+    await conn.execute(text("SELECT 1"))  # SQLAlchemy begins its transaction lazily: begin it before going raw
+    raw = await conn.get_raw_connection()
+    apg = raw.driver_connection  # the asyncpg connection inside this transaction
+    cols = [c.name for c in table.columns]
+    stage = f"kiln_stage_{table.name}"
+    await apg.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table.name}) ON COMMIT DELETE ROWS")
+    await apg.copy_records_to_table(stage, records=[tuple(r.get(c) for c in cols) for r in rows], columns=cols)
+    quoted = ", ".join(f'"{c}"' for c in cols)
+    await apg.execute(f"INSERT INTO {table.name} ({quoted}) SELECT {quoted} FROM {stage} ON CONFLICT DO NOTHING")
+
+
 async def _bulk(conn: AsyncConnection, table: Table, rows: list[dict[str, Any]]) -> None:
     dialect = conn.dialect.name
+    if dialect == "postgresql" and conn.engine.driver == "asyncpg" and len(rows) >= 50:
+        await _copy_pg(conn, table, rows)
+        return
     stmt = _insert_ignore(dialect, table)
     step = _CHUNK.get(dialect, 1000)
     for i in range(0, len(rows), step):

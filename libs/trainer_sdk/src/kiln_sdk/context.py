@@ -1,0 +1,92 @@
+"""The job context a Kiln runner hands to a trainer through its environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln_contracts import StartJob
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Where a run belongs and where it may write, as read from ``KILN_*`` variables.
+
+    Attributes:
+        job_id: ``KILN_JOB_ID``; ``None`` outside Kiln (standalone mode).
+        project: ``KILN_PROJECT`` (default ``"default"``).
+        attempt: ``KILN_ATTEMPT`` (default 1).
+        nats_url: ``KILN_NATS_URL``; ``None`` means every event is spooled for the runner to replay.
+        job_dir: ``KILN_JOB_DIR``, the writable folder of this attempt (default: the current folder).
+        spec_path: ``KILN_JOB_SPEC``, a JSON file holding the :class:`kiln_contracts.StartJob`.
+        dataset: ``KILN_DATASET``, the resolved local dataset path.
+        spool_dir: ``KILN_SPOOL_DIR`` (default ``$KILN_JOB_DIR/spool``).
+        resume: ``KILN_RESUME``, a checkpoint to resume from.
+        sdk_file: ``KILN_SDK_FILE``: outside Kiln, write events as JSON lines to this file.
+
+    Example:
+        >>> ctx = JobContext.from_env({"KILN_JOB_ID": "j1", "KILN_ATTEMPT": "2", "KILN_JOB_DIR": "/tmp/j1"})
+        >>> (ctx.job_id, ctx.attempt, str(ctx.spool_dir))
+        ('j1', 2, '/tmp/j1/spool')
+    """
+
+    job_id: str | None = None
+    project: str = "default"
+    attempt: int = 1
+    nats_url: str | None = None
+    job_dir: Path = Path(".")
+    spec_path: Path | None = None
+    dataset: str | None = None
+    spool_dir: Path = Path("spool")
+    resume: str | None = None
+    sdk_file: Path | None = None
+
+    @property
+    def in_kiln(self) -> bool:
+        """Whether a Kiln runner started this process (``KILN_JOB_ID`` is set)."""
+        return bool(self.job_id)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "JobContext":
+        """Read the context from ``env`` (default ``os.environ``); never raises on bad values."""
+        env = os.environ if env is None else env
+        job_dir = Path(env.get("KILN_JOB_DIR") or ".")
+        try:
+            attempt = max(1, int(env.get("KILN_ATTEMPT") or 1))
+        except ValueError:
+            # A bad attempt number must not stop training; the runner knows the real one anyway.
+            print(f"kiln_sdk: KILN_ATTEMPT={env.get('KILN_ATTEMPT')!r} is not an int, using 1", file=sys.stderr)
+            attempt = 1
+        spec = env.get("KILN_JOB_SPEC")
+        sdk_file = env.get("KILN_SDK_FILE")
+        return cls(
+            job_id=env.get("KILN_JOB_ID") or None,
+            project=env.get("KILN_PROJECT") or "default",
+            attempt=attempt,
+            nats_url=env.get("KILN_NATS_URL") or None,
+            job_dir=job_dir,
+            spec_path=Path(spec) if spec else None,
+            dataset=env.get("KILN_DATASET") or None,
+            spool_dir=Path(env.get("KILN_SPOOL_DIR") or job_dir / "spool"),
+            resume=env.get("KILN_RESUME") or None,
+            sdk_file=Path(sdk_file) if sdk_file else None,
+        )
+
+    def load_spec(self) -> StartJob | None:
+        """Parse the StartJob of ``KILN_JOB_SPEC``; ``None`` when no spec file was given.
+
+        Raises:
+            OSError: the file cannot be read.
+            pydantic.ValidationError: the file is not a valid StartJob.
+        """
+        if self.spec_path is None:
+            return None
+        return StartJob.model_validate_json(self.spec_path.read_bytes())
+
+    @property
+    def cancel_file(self) -> Path:
+        """File whose existence asks the trainer to stop (the runner creates it on cancel)."""
+        return self.job_dir / "cancel"

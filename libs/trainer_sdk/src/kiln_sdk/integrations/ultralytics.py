@@ -1,0 +1,213 @@
+"""Kiln reporting for Ultralytics YOLO training, in the style of ``ultralytics/utils/callbacks/*``.
+
+Reports, from rank 0 only: model size at setup, throttled in-epoch progress (at most ~4/s), one
+``EpochCompleted`` per epoch with every train loss, learning rate, validation metric, fitness and the epoch time,
+the checkpoints as artifacts, and the final validation of ``best.pt`` as ``final/*`` metrics.  Honours
+cancellation: when ``$KILN_JOB_DIR/cancel`` appears (or :meth:`kiln_sdk.Run.request_cancel` is called) it sets
+``trainer.stop`` at the next batch or epoch end; Ultralytics then validates, saves and returns, and the run is
+marked :attr:`kiln_sdk.Run.cancelled` (the Kiln trainer exits with code 3).
+
+Example:
+    >>> from ultralytics import YOLO                                # doctest: +SKIP
+    >>> from kiln_sdk.integrations.ultralytics import add_kiln_callbacks
+    >>> model = add_kiln_callbacks(YOLO("yolov8n.yaml"))             # doctest: +SKIP
+    >>> model.train(data="coco8.yaml", epochs=3)                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+from .. import current, init
+from .._events import warn_once
+from ..run import Run
+
+PROGRESS_INTERVAL_S = 0.25
+"""Minimum seconds between two progress events (and two checks of the cancel file)."""
+
+
+class _State:
+    """What the callbacks remember about one trainer."""
+
+    def __init__(self) -> None:
+        self.epoch_started = -1  # trainer.epoch seen by on_train_epoch_start
+        self.last_epoch = 0  # last 1-based epoch reported
+        self.batch = 0
+        self.epoch_t0 = time.monotonic()
+        self.last_check = 0.0
+        self.files: dict[Path, tuple[int, int]] = {}  # checkpoint -> (mtime_ns, size) last announced
+        self.stop_logged = False
+
+
+_states: "weakref.WeakKeyDictionary[Any, _State]" = weakref.WeakKeyDictionary()
+
+
+def _state(trainer: Any) -> _State:
+    st = _states.get(trainer)
+    if st is None:
+        st = _states[trainer] = _State()
+    return st
+
+
+def _is_rank0() -> bool:
+    return all(os.environ.get(k, "-1") in ("-1", "0") for k in ("RANK", "LOCAL_RANK"))
+
+
+def _run() -> Run:
+    return current() or init()
+
+
+def _guard(fn: Any) -> Any:
+    """Rank 0 only, and an SDK bug never becomes a training failure."""
+
+    def hook(trainer: Any) -> None:
+        if not _is_rank0():
+            return
+        try:
+            fn(trainer)
+        except Exception as exc:  # noqa: BLE001
+            warn_once(f"ultralytics:{fn.__name__}", f"{fn.__name__} failed: {exc!r}")
+
+    hook.__name__ = hook.__qualname__ = fn.__name__
+    hook.__doc__ = fn.__doc__
+    return hook
+
+
+def _check_cancel(trainer: Any, st: _State, where: str) -> None:
+    if _run().should_stop():
+        trainer.stop = True
+        if not st.stop_logged:
+            st.stop_logged = True
+            _run().log(f"cancel requested: stopping after this {where}, then saving")
+
+
+def _announce_checkpoints(trainer: Any, epoch: int | None) -> None:
+    wdir = Path(getattr(trainer, "wdir", "") or "")
+    if not wdir.is_dir():
+        return
+    st = _state(trainer)
+    for path in sorted(wdir.glob("*.pt")):
+        stat = path.stat()
+        key = (stat.st_mtime_ns, stat.st_size)
+        if st.files.get(path) != key:  # only files that changed since they were last announced
+            st.files[path] = key
+            _run().artifact(path, name=path.name, epoch=epoch)
+
+
+@_guard
+def on_pretrain_routine_end(trainer: Any) -> None:
+    """Model size (parameters; GFLOPs from Ultralytics' cheap stride-sized profile) as a log line and metrics."""
+    model = trainer.model
+    params = sum(p.numel() for p in model.parameters())
+    metrics: dict[str, float] = {"model/parameters": float(params)}
+    try:
+        from ultralytics.utils.torch_utils import get_flops
+
+        metrics["model/gflops"] = float(get_flops(model, trainer.args.imgsz))
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    run = _run()
+    run.log_metrics(0, metrics)
+    gflops = f", {metrics['model/gflops']:.3g} GFLOPs at imgsz {trainer.args.imgsz}" if "model/gflops" in metrics else ""
+    run.log(f"model {getattr(trainer.args, 'model', '?')}: {params:,} parameters{gflops}, task {trainer.args.task}")
+
+
+@_guard
+def on_train_start(trainer: Any) -> None:
+    """One log line with the shape of the run."""
+    _run().log(
+        f"training {trainer.epochs} epochs x {len(trainer.train_loader)} batches of {trainer.batch_size} "
+        f"on {trainer.device}, start epoch {trainer.start_epoch + 1}"
+    )
+
+
+@_guard
+def on_train_epoch_start(trainer: Any) -> None:
+    """Remember which epoch really started (the final validation re-fires on_fit_epoch_end without one)."""
+    st = _state(trainer)
+    st.epoch_started = trainer.epoch
+    st.batch = 0
+    st.epoch_t0 = st.last_check = time.monotonic()
+
+
+@_guard
+def on_train_batch_end(trainer: Any) -> None:
+    """Throttled ``Progress`` and cancel check (at most every ``PROGRESS_INTERVAL_S``, plus the last batch)."""
+    st = _state(trainer)
+    st.batch += 1
+    now = time.monotonic()
+    nb = len(trainer.train_loader)
+    if now - st.last_check < PROGRESS_INTERVAL_S and st.batch < nb:
+        return
+    st.last_check = now
+    elapsed = max(now - st.epoch_t0, 1e-9)
+    per_batch = elapsed / st.batch
+    remaining = max(nb - st.batch, 0) + max(trainer.epochs - trainer.epoch - 1, 0) * nb
+    _run().progress(trainer.epoch + 1, trainer.epochs, st.batch, nb,
+                    images_per_s=st.batch * trainer.batch_size / elapsed, eta_s=remaining * per_batch)
+    _check_cancel(trainer, st, "batch")
+
+
+@_guard
+def on_model_save(trainer: Any) -> None:
+    """Announce ``last.pt``, ``best.pt`` (and ``epochN.pt``) when they changed."""
+    _announce_checkpoints(trainer, trainer.epoch + 1)
+
+
+@_guard
+def on_fit_epoch_end(trainer: Any) -> None:
+    """``EpochCompleted`` once per epoch; the final validation of best.pt becomes ``final/*`` metrics."""
+    st = _state(trainer)
+    run = _run()
+    if trainer.epoch != st.epoch_started or trainer.epoch + 1 <= st.last_epoch:
+        # Ultralytics' final_eval raises trainer.epoch by one and fires this hook again: not a new epoch.
+        final = {f"final/{k}": v for k, v in (trainer.metrics or {}).items()}
+        if final:
+            run.log_metrics(st.last_epoch, final)
+        return
+    metrics: dict[str, Any] = {}
+    if trainer.tloss is not None:
+        metrics.update(trainer.label_loss_items(trainer.tloss, prefix="train"))
+    metrics.update(getattr(trainer, "lr", None) or {})
+    metrics.update(trainer.metrics or {})
+    if trainer.fitness is not None:
+        metrics["fitness"] = trainer.fitness
+    st.last_epoch = trainer.epoch + 1
+    run.epoch(st.last_epoch, trainer.epochs, metrics, trainer.epoch_time)
+    _check_cancel(trainer, st, "epoch")
+
+
+@_guard
+def on_train_end(trainer: Any) -> None:
+    """Announce the final (optimizer-stripped) checkpoints and say how training ended."""
+    st = _state(trainer)
+    _announce_checkpoints(trainer, st.last_epoch or None)
+    how = "cancelled" if _run().cancelled else "finished"
+    _run().log(f"training {how} after {st.last_epoch} epochs; best fitness {trainer.best_fitness}")
+
+
+callbacks = {
+    "on_pretrain_routine_end": on_pretrain_routine_end,
+    "on_train_start": on_train_start,
+    "on_train_epoch_start": on_train_epoch_start,
+    "on_train_batch_end": on_train_batch_end,
+    "on_model_save": on_model_save,
+    "on_fit_epoch_end": on_fit_epoch_end,
+    "on_train_end": on_train_end,
+}
+"""Hook name -> function, as Ultralytics' own integrations export them."""
+
+
+def add_kiln_callbacks(model_or_trainer: Any) -> Any:
+    """Register :data:`callbacks` on a ``YOLO`` model or a trainer (anything with ``add_callback``).
+
+    Returns:
+        The same object, for chaining.
+    """
+    for event, fn in callbacks.items():
+        model_or_trainer.add_callback(event, fn)
+    return model_or_trainer

@@ -1,0 +1,309 @@
+"""NatsReporter: JetStream publishing from a background thread, with a spool when NATS is unreachable.
+
+The training thread only runs :meth:`NatsReporter.submit` (a ``deque.append`` plus, when the publisher sleeps, one
+wake-up).  A daemon thread runs its own asyncio loop that builds the envelopes, publishes them pipelined with
+``Nats-Msg-Id`` = event id and waits for the acks.  Whatever is not acknowledged goes to the spool file, in order;
+once the spool holds anything, later events are appended behind it until it has been replayed, so the stream
+receives events in ``seq`` order and the ids make every retry idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ._events import EventFactory, Record, warn_once
+from ._queue import Marker, RecordQueue
+from .reporters import Reporter
+from .spool import Message, Spool, drain_spool, publish_batch
+
+
+class NatsReporter(Reporter):
+    """Publishes a run's events to JetStream without ever blocking the training thread for long.
+
+    Args:
+        nats_url: NATS server; ``None`` spools everything (the runner replays the spool).
+        job_id: Job of the run.
+        project: Project of the job.
+        attempt: Attempt number (goes into every envelope).
+        spool_dir: Folder of the spool (see :mod:`kiln_sdk.spool`); an existing spool is replayed first.
+        maxsize: Queue size before metric updates are coalesced.
+        batch: Events published per round trip (pipelined).
+        ack_timeout: Seconds to wait for JetStream acks before spooling.
+        autostart: Start the publisher thread now (tests start it later to fill the queue first).
+
+    Example:
+        >>> rep = NatsReporter(None, job_id="j1", spool_dir=__import__("tempfile").mkdtemp())
+        >>> rep.submit(("metrics", 0.0, {"step": 1, "metrics": {"loss": 1.0}}))
+        >>> rep.close(timeout=0.2), rep.stats["spooled"]   # no server: kept in the spool for the runner
+        (False, 1)
+    """
+
+    def __init__(
+        self,
+        nats_url: str | None,
+        job_id: str,
+        project: str = "default",
+        attempt: int = 1,
+        spool_dir: str | Path = "spool",
+        *,
+        maxsize: int = 10_000,
+        batch: int = 1000,
+        ack_timeout: float = 5.0,
+        autostart: bool = True,
+    ) -> None:
+        self.nats_url = nats_url
+        self.factory = EventFactory(job_id, project, attempt)
+        self.spool = Spool(Path(spool_dir))
+        self.batch = batch
+        self.ack_timeout = ack_timeout
+        self.reconnect_grace = 3.0  # at close, how long to wait for a lost connection to come back
+        self._q = RecordQueue(maxsize)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._idle = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._nc: Any = None
+        self._js: Any = None
+        self._waiting: list[Marker] = []
+        self._stop: Marker | None = None
+        self._stop_seen = 0.0
+        self._retry_at = 0.0
+        self._backoff = 0.5
+        self.delivered = 0
+        self.spooled = 0
+        if autostart:
+            self.start()
+
+    # -- training thread ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the publisher thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._thread_main, name="kiln-sdk-publisher", daemon=True)
+            self._thread.start()
+
+    def submit(self, record: Record) -> None:
+        if self._closed:
+            return
+        self._q.put(record)
+        if self._idle:  # the publisher sleeps: wake it (only then, so a busy publisher costs the caller nothing)
+            self._idle = False
+            self._wake_up()
+
+    def _wake_up(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # loop already closed
+                pass
+
+    def _send_marker(self, marker: Marker, wait: float) -> bool:
+        self._q.put(marker)
+        self._wake_up()
+        return marker.done.wait(wait)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        if self._closed or self._thread is None or not self._thread.is_alive():
+            return not len(self._q) and not self.spool.pending
+        marker = Marker()
+        return self._send_marker(marker, timeout) and marker.ok
+
+    def close(self, timeout: float = 10.0) -> bool:
+        if self._closed:
+            return not self.spool.pending
+        self._closed = True
+        if self._thread is None or not self._thread.is_alive():
+            self._spool_leftovers()
+            return False
+        marker = Marker(stop=True, deadline=time.monotonic() + timeout)
+        # Some slack beyond the deadline: the publisher needs it to spool what it could not deliver.
+        if not self._send_marker(marker, timeout + 2.0):
+            warn_once("close", "publisher did not stop in time; unsent events may be lost")
+        return marker.ok
+
+    def _spool_leftovers(self) -> None:
+        # No publisher thread (never started, or died): keep the queued events for the runner's replay.
+        items = self._q.drain(1 << 62)
+        events = self.factory.build_many([r for r in items if not isinstance(r, Marker)])
+        try:
+            self.spool.append([e.model_dump_json().encode() for e in events])
+            self.spooled += len(events)
+        finally:
+            self.spool.close()
+            for marker in items:
+                if isinstance(marker, Marker):
+                    marker.done.set()  # nobody else will answer it
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {
+            "delivered": self.delivered, "spooled": self.spooled, "coalesced": self._q.coalesced_total,
+            "queued": len(self._q), "spool_pending": self.spool.pending, "connected": self._connected(),
+        }
+
+    # -- publisher thread -----------------------------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._main())
+        except BaseException as exc:  # noqa: BLE001 - report, then keep what is queued on disk
+            warn_once("publisher", f"publisher stopped: {exc!r}")
+            self._spool_leftovers()
+        finally:
+            if self._stop is not None:
+                self._stop.done.set()
+            loop.close()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        connector = asyncio.ensure_future(self._connect()) if self.nats_url else None
+        if connector is not None:
+            try:  # give the first connection a moment, so a healthy run never spools its first events
+                await asyncio.wait_for(asyncio.shield(connector), 2.0)
+            except Exception:  # noqa: BLE001 - keeps trying in the background
+                pass
+        try:
+            await self._pump()
+        finally:
+            if connector is not None:
+                connector.cancel()
+            if self._nc is not None:
+                try:
+                    await asyncio.wait_for(self._nc.close(), 2.0)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    async def _connect(self) -> None:
+        import nats
+
+        async def on_error(exc: Exception) -> None:
+            warn_once("nats", f"NATS {self.nats_url}: {exc!r}; events go to {self.spool.path} until it is back")
+
+        async def on_change() -> None:
+            self._retry_at = 0.0
+            if self._wake is not None:
+                self._wake.set()
+
+        try:
+            # max_reconnect_attempts=-1 also retries the first connection forever, in this background task.
+            nc = await nats.connect(
+                self.nats_url, name=f"kiln-sdk-{self.factory.job_id}", allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2, error_cb=on_error,
+                disconnected_cb=on_change, reconnected_cb=on_change,
+            )
+        except Exception as exc:  # noqa: BLE001 - e.g. a malformed URL: spool only, the runner replays
+            warn_once("connect", f"cannot connect to NATS {self.nats_url}: {exc!r}; spooling to {self.spool.path}")
+            return
+        self._nc, self._js = nc, nc.jetstream(timeout=self.ack_timeout)
+        await on_change()
+
+    def _connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def _pump(self) -> None:
+        while True:
+            items = self._q.drain(self.batch)
+            try:
+                if items:
+                    await self._handle(items)
+                if self.spool.pending and self._connected() and time.monotonic() >= self._retry_at:
+                    await self._replay()
+            except Exception as exc:  # noqa: BLE001 - e.g. disk full: say it once, keep the loop alive
+                warn_once(f"pump:{type(exc).__name__}", f"publisher error: {exc!r}")
+            if not self.spool.pending:
+                for marker in self._waiting:
+                    marker.ok = True
+                    marker.done.set()
+                self._waiting.clear()
+            if self._stop is not None and not len(self._q) and not self._keep_trying():
+                break
+            if not items:
+                await self._sleep(0.05 if self._stop is not None else 0.25)
+        self._stop_now()
+
+    async def _sleep(self, timeout: float) -> None:
+        assert self._wake is not None
+        self._idle = True
+        if not len(self._q):  # re-check after raising the flag: submit() may have missed it
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        self._idle = False
+        self._wake.clear()
+
+    def _keep_trying(self) -> bool:
+        now = time.monotonic()
+        assert self._stop is not None
+        if not self.spool.pending or now >= self._stop.deadline or not self.nats_url:
+            return False
+        return self._connected() or now < self._stop_seen + self.reconnect_grace
+
+    def _stop_now(self) -> None:
+        assert self._stop is not None
+        self.spool.close()
+        self._stop.ok = not self.spool.pending and not len(self._q)
+        if self.spool.pending:
+            warn_once("left", f"{self.spool.size - self.spool.offset} bytes of events left in {self.spool.path} "
+                              "(kiln_sdk.spool.replay publishes them)")
+        for marker in self._waiting:
+            marker.done.set()
+        self._stop.done.set()
+
+    async def _handle(self, items: list[Record | Marker]) -> None:
+        segment: list[Record] = []
+        for item in items:
+            if isinstance(item, Marker):
+                await self._deliver(segment)
+                segment = []
+                if item.stop:
+                    self._stop, self._stop_seen = item, time.monotonic()
+                else:
+                    self._waiting.append(item)
+            else:
+                segment.append(item)
+        await self._deliver(segment)
+
+    def _ack_timeout(self) -> float:
+        if self._stop is None:
+            return self.ack_timeout
+        return min(self.ack_timeout, max(0.05, self._stop.deadline - time.monotonic()))
+
+    async def _deliver(self, records: list[Record]) -> None:
+        if not records:
+            return
+        events = self.factory.build_many(records)
+        msgs: list[Message] = [(e.subject, e.model_dump_json().encode(), e.id) for e in events]
+        if self.spool.pending or not self._connected():
+            self._to_spool(msgs)  # behind what is already spooled: order is kept
+            return
+        errors = await publish_batch(self._js, msgs, self._ack_timeout())
+        bad = next((i for i, err in enumerate(errors) if err is not None), None)
+        if bad is None:
+            self.delivered += len(msgs)
+            return
+        warn_once(f"publish:{type(errors[bad]).__name__}", f"publish failed ({errors[bad]!r}); spooling and retrying")
+        self.delivered += bad
+        self._to_spool(msgs[bad:])  # a later one that was stored anyway is de-duplicated on replay by its id
+        self._retry_at = time.monotonic() + self._backoff
+
+    def _to_spool(self, msgs: list[Message]) -> None:
+        self.spool.append([payload for _, payload, _ in msgs])
+        self.spooled += len(msgs)
+
+    async def _replay(self) -> None:
+        published, failed = await drain_spool(self._js, self.spool, timeout=self._ack_timeout(), max_chunks=5)
+        self.delivered += published
+        if failed:
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, 5.0)
+        else:
+            self._backoff = 0.5

@@ -1,0 +1,244 @@
+"""The local spool: events that could not be published yet, as JSON lines, replayed in order later.
+
+Layout of a spool folder::
+
+    events.jsonl     one kiln_contracts.Event JSON document per line, in publish order
+    events.offset    byte offset up to which lines are acknowledged by JetStream (absent: 0)
+    rejected.jsonl   lines JetStream refused for good (e.g. too large) or that do not parse: kept, never dropped
+
+Replays are idempotent: each line is published with ``Nats-Msg-Id`` = its event id, so the stream stores it once
+even when an earlier attempt was stored but its ack got lost.  The offset file makes a long replay resumable
+beyond the stream's duplicate window.
+
+Example (runner side, after the trainer exited)::
+
+    import asyncio
+    from kiln_sdk.spool import replay
+    sent = asyncio.run(replay(job_dir / "spool", "nats://127.0.0.1:4222"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from kiln_contracts import Event
+from nats.errors import MaxPayloadError
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, ServiceUnavailableError
+
+Message = tuple[str, bytes, str]
+"""``(subject, payload, msg_id)``."""
+
+
+class Spool:
+    """Append-only JSON-lines spool with an acknowledged-prefix offset (single writer: one thread)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / "events.jsonl"
+        self.offset_path = self.folder / "events.offset"
+        self.rejected_path = self.folder / "rejected.jsonl"
+        self._fh = None
+        self.size = self.path.stat().st_size if self.path.exists() else 0
+        self.offset = self._read_offset()
+
+    def _read_offset(self) -> int:
+        try:
+            return min(int(self.offset_path.read_text().strip() or 0), self.size)
+        except (OSError, ValueError):
+            return 0
+
+    @property
+    def pending(self) -> bool:
+        """Whether lines wait to be published."""
+        return self.size > self.offset
+
+    def append(self, payloads: Sequence[bytes]) -> None:
+        """Append events (already serialized) and hand them to the OS (survives a killed process)."""
+        if not payloads:
+            return
+        if self._fh is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "ab")  # noqa: SIM115 - kept open while spooling
+        data = b"".join(p + b"\n" for p in payloads)
+        self._fh.write(data)
+        self._fh.flush()
+        self.size += len(data)
+
+    def read(self, max_lines: int) -> list[tuple[bytes, int]]:
+        """Up to ``max_lines`` unacknowledged lines, each with the offset just after it."""
+        out: list[tuple[bytes, int]] = []
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            pos = self.offset
+            while len(out) < max_lines and pos < self.size:
+                line = fh.readline()
+                if not line:
+                    break
+                pos += len(line)
+                if not line.endswith(b"\n"):  # a torn last line (killed mid-write): stop before it
+                    break
+                out.append((line.rstrip(b"\n"), pos))
+        return out
+
+    def commit(self, offset: int) -> None:
+        """Mark everything up to ``offset`` acknowledged; delete the spool once all of it is."""
+        self.offset = offset
+        if self.offset >= self.size:
+            self.clear()
+            return
+        tmp = self.offset_path.with_suffix(".tmp")
+        tmp.write_text(str(offset))
+        os.replace(tmp, self.offset_path)
+
+    def reject(self, line: bytes) -> None:
+        """Keep a line JetStream will never accept, so nothing is lost silently."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.rejected_path, "ab") as fh:
+            fh.write(line + b"\n")
+
+    def clear(self) -> None:
+        """Delete the spool files (all lines acknowledged)."""
+        self.close()
+        for p in (self.path, self.offset_path):
+            p.unlink(missing_ok=True)
+        self.size = self.offset = 0
+
+    def close(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            finally:
+                self._fh.close()
+                self._fh = None
+
+
+def message_of(line: bytes) -> Message:
+    """Subject, payload and msg id of one spooled event line (raises on a line that is not an Event)."""
+    ev = Event.model_validate_json(line)
+    return ev.subject, line, ev.id
+
+
+def permanent(exc: BaseException) -> bool:
+    """Whether a publish failed for a reason a retry will not fix (message too large, refused by the stream)."""
+    if isinstance(exc, MaxPayloadError):
+        return True
+    return isinstance(exc, APIError) and not isinstance(exc, ServiceUnavailableError) \
+        and exc.code is not None and 400 <= exc.code < 500 and exc.code != 408
+
+
+async def publish_batch(js: JetStreamContext, messages: Sequence[Message], timeout: float) -> list[BaseException | None]:
+    """Publish ``messages`` pipelined (many in flight) and wait up to ``timeout`` s for all acks.
+
+    Returns:
+        One entry per message: ``None`` when JetStream acknowledged it, else the error (``TimeoutError`` when
+        no ack came in time).
+    """
+    futures: list[asyncio.Future | None] = []
+    errors: list[BaseException | None] = []
+    for subject, payload, msg_id in messages:
+        try:
+            futures.append(await js.publish_async(subject, payload, headers={"Nats-Msg-Id": msg_id}))
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001 - e.g. connection closed: the rest fail the same way
+            futures.append(None)
+            errors.append(exc)
+    pending = [f for f in futures if f is not None]
+    if pending:
+        _, not_done = await asyncio.wait(pending, timeout=max(timeout, 0.01))
+        for f in not_done:
+            f.cancel()  # frees nats-py's in-flight slot; a late ack is simply ignored
+    for i, f in enumerate(futures):
+        if f is None:
+            continue
+        if f.cancelled():
+            errors[i] = TimeoutError("no JetStream ack in time")
+        elif f.exception() is not None:
+            errors[i] = f.exception()
+    return errors
+
+
+async def drain_spool(
+    js: JetStreamContext, spool: Spool, timeout: float = 5.0, chunk: int = 1000, max_chunks: int | None = None
+) -> tuple[int, bool]:
+    """Publish the spool's pending lines in order, committing after each acknowledged chunk.
+
+    Lines JetStream refuses for good (see :func:`permanent`) or that do not parse go to ``rejected.jsonl``.
+
+    Args:
+        js: JetStream context to publish with.
+        spool: The spool to drain.
+        timeout: Seconds to wait for the acks of one chunk.
+        chunk: Lines per chunk (all in flight at once).
+        max_chunks: Stop after this many chunks (lets a caller interleave other work); ``None``: no limit.
+
+    Returns:
+        ``(published, failed)``: lines acknowledged, and whether a publish failed (the failed line and every
+        line after it stay spooled, so the order is kept).
+    """
+    published = chunks = 0
+    while spool.pending and (max_chunks is None or chunks < max_chunks):
+        chunks += 1
+        lines = spool.read(chunk)
+        if not lines:
+            return published, True  # only a torn line is left: it can never be published
+        messages: list[Message | None] = []
+        for line, _ in lines:
+            try:
+                messages.append(message_of(line))
+            except Exception:  # noqa: BLE001 - unparseable line: keep it aside and go on
+                messages.append(None)
+        errors = iter(await publish_batch(js, [m for m in messages if m is not None], timeout))
+        ok_to = spool.offset
+        for (line, end), msg in zip(lines, messages):
+            err: BaseException | None = next(errors) if msg is not None else ValueError("not an event")
+            if err is not None and msg is not None and not permanent(err):
+                spool.commit(ok_to)
+                return published, True
+            if err is None:
+                published += 1
+            else:
+                spool.reject(line)
+            ok_to = end
+        spool.commit(ok_to)
+    return published, False
+
+
+async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: float = 10.0) -> int:
+    """Publish what a trainer left in its spool (e.g. it was killed while NATS was unreachable).
+
+    Deletes the spool when every line was acknowledged; otherwise keeps what is left for a later call.
+
+    Args:
+        spool_dir: The trainer's ``KILN_SPOOL_DIR`` (default ``$KILN_JOB_DIR/spool``).
+        nats_url: NATS server to publish to.
+        timeout: Seconds to wait for the acks of each chunk (and to connect).
+
+    Returns:
+        Number of lines JetStream acknowledged (a line already stored is acknowledged and stored once).
+
+    Raises:
+        Exception: NATS is unreachable (the spool is left as it was).
+
+    Example:
+        >>> import asyncio, tempfile
+        >>> asyncio.run(replay(tempfile.mkdtemp(), "nats://127.0.0.1:1"))  # nothing spooled: no connection needed
+        0
+    """
+    import nats
+
+    spool = Spool(Path(spool_dir))
+    if not spool.pending:
+        spool.clear()
+        return 0
+    nc = await nats.connect(nats_url, connect_timeout=timeout, allow_reconnect=False, max_reconnect_attempts=0)
+    try:
+        published, _ = await drain_spool(nc.jetstream(timeout=timeout), spool, timeout=timeout)
+        return published
+    finally:
+        spool.close()
+        await nc.close()

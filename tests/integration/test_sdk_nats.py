@@ -1,0 +1,190 @@
+"""The SDK against a real nats-server with JetStream: delivery, order, outages, spool replay, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import nats
+import pytest
+from kiln_contracts import Event, streams, subjects
+
+from kiln_sdk import JobContext, NatsReporter, Run
+from kiln_sdk.spool import replay
+
+PROJECT = "sdktest"
+
+
+async def ensure(url: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        await streams.ensure_streams(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+async def fetch(url: str, subject: str, stream: str = "KILN_EVENTS") -> list[tuple[str, Event]]:
+    """Every message of ``subject`` in ``stream``, in stream order, as (Nats-Msg-Id, Event)."""
+    nc = await nats.connect(url)
+    out: list[tuple[str, Event]] = []
+    try:
+        sub = await nc.jetstream().pull_subscribe(subject, stream=stream)
+        total = (await sub.consumer_info()).num_pending  # everything stored now: read exactly that many
+        while len(out) < total:
+            msgs = await sub.fetch(min(500, total - len(out)), timeout=10)
+            out += [((m.headers or {}).get("Nats-Msg-Id", ""), Event.model_validate_json(m.data)) for m in msgs]
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return out
+
+
+def new_run(url: str | None, tmp_path: Path, **options) -> Run:
+    job = f"sdk-{uuid.uuid4().hex[:10]}"
+    ctx = JobContext(job_id=job, project=PROJECT, attempt=2, nats_url=url, job_dir=tmp_path,
+                     spool_dir=tmp_path / "spool")
+    return Run(ctx, NatsReporter(url, job, PROJECT, 2, ctx.spool_dir, **options))
+
+
+async def test_thousand_metrics_arrive_once_in_order(nats_url: str, tmp_path: Path) -> None:
+    await ensure(nats_url)
+    run = new_run(nats_url, tmp_path)
+    for i in range(1000):
+        run.log_metrics(i, {"loss": 1.0 / (i + 1), "lr": 0.01})
+    assert run.finish(timeout=30)
+
+    got = await fetch(nats_url, subjects.job_events(run.job_id or ""))
+    assert len(got) == 1000
+    assert [e.seq for _, e in got] == list(range(1, 1001))
+    assert [e.data.step for _, e in got] == list(range(1000))
+    assert all(msg_id == e.id for msg_id, e in got)
+    assert {(e.source, e.attempt, e.project) for _, e in got} == {("trainer", 2, PROJECT)}
+    assert not (tmp_path / "spool" / "events.jsonl").exists()
+
+
+async def test_server_restart_while_publishing_loses_and_duplicates_nothing(nats_server, tmp_path: Path) -> None:
+    await ensure(nats_server.url)
+    run = new_run(nats_server.url, tmp_path, ack_timeout=1.0)
+    reporter = run.reporter
+    assert isinstance(reporter, NatsReporter)
+    n = 900
+    for i in range(n):
+        if i == 300:
+            nats_server.stop()
+        if i == 600:
+            assert reporter.stats["spooled"] > 0  # the outage went to disk
+            nats_server.start()
+        run.log_metrics(i, {"loss": float(i)})
+        time.sleep(0.002)  # a training loop, not a burst: the outage happens mid-stream
+    assert run.finish(timeout=30), reporter.stats
+
+    got = await fetch(nats_server.url, subjects.job_events(run.job_id or ""))
+    ids = [e.id for _, e in got]
+    assert len(got) == n and len(set(ids)) == n
+    assert sorted(e.seq for _, e in got) == list(range(1, n + 1))
+    assert [e.seq for _, e in got] == list(range(1, n + 1)), "replayed events keep their order"
+    assert not (tmp_path / "spool" / "events.jsonl").exists()
+
+
+async def test_nats_down_at_start_then_up_delivers_everything_in_order(nats_server, tmp_path: Path) -> None:
+    await ensure(nats_server.url)
+    nats_server.stop()
+    run = new_run(nats_server.url, tmp_path)
+    for i in range(100):
+        run.log_metrics(i, {"loss": float(i)})
+    time.sleep(2.5)  # past the publisher's 2 s wait for a first connection: these go to the spool
+    assert run.reporter.stats["spooled"] == 100  # type: ignore[attr-defined]
+    nats_server.start()
+    for i in range(100, 200):
+        run.log_metrics(i, {"loss": float(i)})
+    assert run.finish(timeout=30), run.reporter.stats
+
+    got = await fetch(nats_server.url, subjects.job_events(run.job_id or ""))
+    assert [e.seq for _, e in got] == list(range(1, 201))
+
+
+async def test_coalesced_updates_are_counted_in_a_later_message(nats_url: str, tmp_path: Path) -> None:
+    await ensure(nats_url)
+    run = new_run(nats_url, tmp_path, maxsize=10, autostart=False)  # nobody drains yet: the queue fills
+    for i in range(10):
+        run.log_metrics(i, {"loss": float(i)})
+    for i in range(100):
+        run.log_metrics(99, {"loss": float(i), f"k{i % 3}": 1.0})
+    run.reporter.start()  # type: ignore[attr-defined]
+    assert run.finish(timeout=20)
+
+    got = [e.data for _, e in await fetch(nats_url, subjects.job_events(run.job_id or ""))]
+    assert [m.step for m in got] == [*range(10), 99]
+    assert got[-1].coalesced == 99 and got[-1].metrics == {"loss": 99.0, "k0": 1.0, "k1": 1.0, "k2": 1.0}
+    assert sum(m.coalesced for m in got) + len(got) == 110
+
+
+async def test_spool_without_nats_then_runner_replay(nats_url: str, tmp_path: Path) -> None:
+    await ensure(nats_url)
+    run = new_run(None, tmp_path)  # no KILN_NATS_URL: everything is spooled
+    for i in range(50):
+        run.log_metrics(i, {"loss": float(i)})
+    run.log("spooled line")
+    assert not run.finish(timeout=0.5)
+    spool = tmp_path / "spool"
+    assert len((spool / "events.jsonl").read_text().splitlines()) == 51
+
+    assert await replay(spool, nats_url) == 51
+    assert not (spool / "events.jsonl").exists()
+    assert await replay(spool, nats_url) == 0
+    events = await fetch(nats_url, subjects.job_events(run.job_id or ""))
+    logs = await fetch(nats_url, subjects.job_logs(run.job_id or ""), stream="KILN_LOGS")
+    assert [e.seq for _, e in events] == list(range(1, 51))
+    assert [(e.seq, e.data.lines[0].text) for _, e in logs] == [(51, "spooled line")]
+
+
+SCRIPT = textwrap.dedent("""
+    import signal, sys, time, kiln_sdk
+    if sys.argv[1] == "chain":  # the script's own handler runs after the SDK flushed
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(7))
+    run = kiln_sdk.init()
+    for i in range(200):
+        kiln_sdk.log_metrics(i, {"loss": float(i)})
+    print("ready", flush=True)
+    if sys.argv[1] == "raise":
+        raise RuntimeError("boom")
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("how", ["sigterm", "chain", "raise"])
+async def test_trainer_process_flushes_on_sigterm_and_on_exception(nats_url: str, tmp_path: Path, how: str) -> None:
+    await ensure(nats_url)
+    job = f"sdk-{how}-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "KILN_JOB_ID": job, "KILN_PROJECT": PROJECT, "KILN_ATTEMPT": "1",
+           "KILN_NATS_URL": nats_url, "KILN_JOB_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, how], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        if how != "raise":
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(20)
+    finally:
+        proc.kill()
+    assert code == {"sigterm": -signal.SIGTERM, "chain": 7, "raise": 1}[how]
+    got = await fetch(nats_url, subjects.job_events(job))
+    assert [e.seq for _, e in got] == list(range(1, 201))
+
+
+def test_log_metrics_never_blocks_while_nats_is_down(tmp_path: Path) -> None:
+    run = new_run("nats://127.0.0.1:9", tmp_path)  # nothing listens there
+    t0 = time.perf_counter()
+    for i in range(10_000):
+        run.log_metrics(i, {"loss": 1.0})
+    assert time.perf_counter() - t0 < 1.0
+    threading.Event().wait(0.1)
+    assert not run.finish(timeout=1.0)
+    assert run.reporter.stats["spooled"] + run.reporter.stats["coalesced"] >= 10_000 - 10  # type: ignore[attr-defined]
