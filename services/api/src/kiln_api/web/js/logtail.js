@@ -1,0 +1,88 @@
+// A live log tail: seeded from the REST tail, extended by the notifier's log batches, auto-scrolling while the
+// reader is at the bottom. The socket replays the job's log history, which overlaps the REST tail: a line
+// older than the newest seeded one is history (in the tail already, or older than the tail shows); at that
+// very instant a multiset of (stream, text) tells the seeded lines from new ones. Nothing shows twice, and the
+// order stays the order the lines were read in.
+
+import {h} from "./dom.js";
+
+const FOLLOW_SLACK_PX = 24;
+
+// Colour and cursor codes from progress bars (ESC [ ... letter) mean nothing in a web page.
+const ANSI = /\x1b\[[0-9;?]*[A-Za-z]/g;
+
+/** Microseconds since the epoch from an ISO time (Date.parse stops at milliseconds; log lines come faster). */
+export function micros(iso) {
+  const fraction = /\.(\d+)/.exec(iso);
+  const us = fraction ? Number((fraction[1] + "000000").slice(0, 6)) : 0;
+  return Math.floor(Date.parse(iso) / 1000) * 1e6 + us;
+}
+
+export class LogTail {
+  constructor(maxLines = 3000) {
+    this.maxLines = maxLines;
+    this.seededUntil = -Infinity;  // time of the newest seeded line
+    this.atLast = new Map();        // (stream, text) -> how many seeded lines carry exactly that time
+    this.count = 0;
+    this.follow = true;
+    this.lines = h("div", {class: "log-lines", role: "log", "aria-live": "off", tabindex: "0"});
+    this.followButton = h("button", {class: "btn btn-small", type: "button", onclick: () => this.setFollow(true)},
+      "Follow");
+    this.el = h("section", {class: "card logs", dataset: {lines: "0"}},
+      h("header", {class: "card-head"}, h("h3", {}, "Log"), this.followButton), this.lines);
+    this.lines.addEventListener("scroll", () => {
+      const atBottom = this.lines.scrollHeight - this.lines.scrollTop - this.lines.clientHeight < FOLLOW_SLACK_PX;
+      if (atBottom !== this.follow) this.setFollow(atBottom, false);
+    });
+    this.setFollow(true, false);
+  }
+
+  setFollow(on, scroll = true) {
+    this.follow = on;
+    this.followButton.classList.toggle("active", on);
+    this.followButton.textContent = on ? "Following" : "Follow";
+    if (on && scroll) this.scroll();
+  }
+
+  /** Lines from GET /logs: {time, stream, text}, oldest first. */
+  seed(rows) {
+    for (const r of rows) {
+      const t = micros(r.time);
+      if (t > this.seededUntil) { this.seededUntil = t; this.atLast.clear(); }
+      const key = `${r.stream}|${r.text}`;
+      if (t === this.seededUntil) this.atLast.set(key, (this.atLast.get(key) || 0) + 1);
+    }
+    this.append(rows.map((r) => [r.stream, r.text]));
+  }
+
+  /** Lines of one log batch event: {t, stream, text}. */
+  add(lines) {
+    const fresh = [];
+    for (const l of lines) {
+      const t = micros(l.t);
+      if (t < this.seededUntil) continue;
+      const key = `${l.stream}|${l.text}`;
+      const left = t === this.seededUntil ? this.atLast.get(key) : 0;
+      if (left) { this.atLast.set(key, left - 1); continue; }
+      fresh.push([l.stream, l.text]);
+    }
+    this.append(fresh);
+  }
+
+  append(rows) {
+    if (!rows.length) return;
+    const frag = document.createDocumentFragment();
+    for (const [stream, text] of rows) {
+      frag.append(h("div", {class: `log-line log-${stream}`}, (text || "").replace(ANSI, "") || " "));
+    }
+    this.lines.append(frag);
+    this.count += rows.length;
+    while (this.lines.childElementCount > this.maxLines) this.lines.firstElementChild.remove();
+    this.el.dataset.lines = String(this.count);
+    if (this.follow) this.scroll();
+  }
+
+  scroll() {
+    requestAnimationFrame(() => { this.lines.scrollTop = this.lines.scrollHeight; });
+  }
+}
