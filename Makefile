@@ -15,6 +15,7 @@ up: bootstrap
 	$(VENV)/bin/kiln up
 
 test: bootstrap
+	bash scripts/install-browser.sh
 	$(VENV)/bin/pytest
 
 docs: bootstrap

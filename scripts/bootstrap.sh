@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${KILN_VENV:-.venv}
 PACKAGES=(libs/contracts libs/store libs/trainer_sdk trainers/ultralytics services/api services/runner
-          services/metrics-writer services/notifier deploy/local)
+          services/metrics-writer services/notifier services/clearml-forwarder deploy/local)
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.kiln-stamp"

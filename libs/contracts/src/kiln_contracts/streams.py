@@ -100,6 +100,26 @@ def writer_consumers(name: str = "metrics-writer") -> tuple[Durable, Durable]:
     )
 
 
+def forwarder_consumers(name: str = "clearml-forwarder") -> tuple[Durable, Durable]:
+    """Durable pull consumers of the ClearML forwarder: one on events, one on logs.
+
+    Unlike the writer's, these are held for a while: the forwarder keeps a job's messages (with in-progress acks)
+    while ClearML is slow or down, so fewer may be pending; JetStream keeps the rest until it catches up.
+    """
+
+    def cfg(durable: str, subject: str) -> api.ConsumerConfig:
+        return api.ConsumerConfig(
+            durable_name=durable, name=durable, filter_subject=subject,
+            ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=60.0, max_deliver=50, max_ack_pending=2_000,
+        )
+
+    return (
+        Durable(EVENTS.name or "", cfg(f"{name}-events", subjects.EVENTS_ALL)),
+        Durable(LOGS.name or "", cfg(f"{name}-logs", subjects.LOGS_ALL)),
+    )
+
+
 async def ensure_streams(js: JetStreamContext) -> None:
     """Create every Kiln stream and the claims KV bucket, or update them to this definition."""
     for cfg in STREAMS:

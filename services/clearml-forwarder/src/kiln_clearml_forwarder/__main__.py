@@ -1,0 +1,4 @@
+"""Run the forwarder: python -m kiln_clearml_forwarder."""
+from .main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Adapters: the ClearML SDK and the NATS KV task map."""

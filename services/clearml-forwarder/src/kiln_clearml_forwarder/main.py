@@ -1,0 +1,85 @@
+"""Composition root of the ClearML forwarder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+import nats
+
+from kiln_contracts.streams import ensure_streams, forwarder_consumers
+
+from .adapters.clearml import ClearMLPort, make_clearml
+from .adapters.task_map import TaskMap
+from .consumer import PullConsumer
+from .handlers import Blocking, Deps
+from .lanes import Dispatcher, Timing
+from .settings import Settings
+
+log = logging.getLogger("kiln.clearml_forwarder")
+
+
+def build_clearml(settings: Settings) -> ClearMLPort:
+    if settings.cache_dir and not os.environ.get("CLEARML_CACHE_DIR"):
+        os.environ["CLEARML_CACHE_DIR"] = str(settings.cache_dir)
+    return make_clearml(settings.offline, settings.config_file, settings.output_uri, settings.call_timeout_s)
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None, clearml: ClearMLPort | None = None) -> None:
+    """Forward until ``stop`` is set; ``clearml`` replaces the adapter built from the settings (tests)."""
+    if not settings.enabled:
+        log.info("clearml-forwarder disabled (set KILN_CLEARML_ENABLED=1 to run it)")
+        return
+    stop = stop or asyncio.Event()
+    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, name="kiln-clearml-forwarder")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    blocking = Blocking(clearml or build_clearml(settings), settings.workers, settings.keepalive_s)
+    deps = Deps(blocking, await TaskMap.open(js, settings.task_map_bucket), list(settings.tags),
+                settings.project_prefix)
+    timing = Timing(backoff_initial_s=settings.backoff_initial_s, max_backoff_s=settings.max_backoff_s,
+                    keepalive_s=settings.keepalive_s, linger_s=settings.linger_s, idle_s=settings.idle_s,
+                    forget_s=settings.forget_s)
+    dispatcher = Dispatcher(deps, timing)
+    consumers = [PullConsumer(nc, d, dispatcher.submit, batch=settings.fetch_batch, fetch_ms=settings.fetch_ms)
+                 for d in forwarder_consumers(settings.durable)]
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(c.run()) for c in consumers]
+    log.info("clearml-forwarder running (%s)", "offline mode" if settings.offline else "ClearML server")
+    waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for c in consumers:
+        c.stop()
+    await asyncio.wait(tasks, timeout=2.0)
+    for t in tasks:
+        t.cancel()
+    for t in done:
+        if t is not waiter and not t.cancelled() and t.exception():
+            log.error("consumer crashed: %r", t.exception())
+    await dispatcher.stop()
+    blocking.shutdown()
+    try:  # acks and naks out before closing; no drain: the pull subscriptions are gone already
+        await nc.flush(timeout=2)
+    except Exception as exc:  # noqa: BLE001 - NATS unreachable at shutdown: unacked messages are redelivered
+        log.warning("final flush failed: %s", exc)
+    await nc.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings()
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop)
+
+    asyncio.run(_main())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Settings of the ClearML forwarder (env prefix KILN_CLEARML_)."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KILN_CLEARML_")
+
+    enabled: bool = Field(default=False, description="Run the forwarder at all (it is optional).")
+    nats_url: str = "nats://127.0.0.1:4222"
+    durable: str = Field(default="clearml-forwarder", description="Prefix of its two durables (-events, -logs).")
+    task_map_bucket: str = Field(default="kiln_clearml_tasks", description="NATS KV bucket: job id -> task id.")
+    config_file: Path | None = Field(
+        default=None,
+        description="clearml.conf (server, credentials); default: CLEARML_CONFIG_FILE, else ~/clearml.conf.",
+    )
+    offline: bool = Field(default=False, description="ClearML offline mode: sessions on local disk, no server.")
+    cache_dir: Path | None = Field(default=None, description="CLEARML_CACHE_DIR (offline: <cache_dir>/offline).")
+    output_uri: str | None = Field(default=None, description="Where model/artifact files go (default: files server).")
+    project_prefix: str = Field(default="", description="Prepended to the Kiln project to name the ClearML project.")
+    tags: list[str] = Field(default_factory=lambda: ["kiln"], description="Tags on every task.")
+    fetch_batch: int = 256
+    fetch_ms: int = 200
+    workers: int = Field(default=4, description="Threads for ClearML calls (jobs report in parallel up to this).")
+    call_timeout_s: float = Field(default=30.0, description="HTTP read timeout of one ClearML request.")
+    backoff_initial_s: float = 0.5
+    max_backoff_s: float = 30.0
+    keepalive_s: float = Field(default=15.0, description="In-progress acks while messages wait (ack wait is 60 s).")
+    linger_s: float = Field(default=30.0, description="A finished job's task stays open this long for late logs.")
+    idle_s: float = Field(default=600.0, description="An unfinished job's task is released after this long idle.")
+    forget_s: float = Field(default=3600.0, description="A released job's seen event ids are kept this long.")
