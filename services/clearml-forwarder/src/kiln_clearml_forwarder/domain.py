@@ -189,10 +189,17 @@ def _status_changed(state: JobState, ev: Event, d: JobStatusChanged) -> list[Op]
     ops: list[Op] = []
     values: dict[str, ParamValue] = {k: v for k, v in {"runner": d.runner, "host": d.host}.items() if v}
     values.update(d.details)
+    if d.spec is not None:  # on "starting": the job's name, model, dataset and every train argument
+        values.update({"name": d.spec.name, "model": d.spec.model, "dataset": d.spec.dataset,
+                       "task": d.spec.task.value, "pool": d.spec.pool})
+        values.update({f"train.{k}": (v.value if hasattr(v, "value") else v)
+                       for k, v in d.spec.train.model_dump().items() if isinstance(v, (str, int, float, bool))
+                       or hasattr(v, "value")})
     if ev.attempt > 1:
         values["attempt"] = ev.attempt
-    if isinstance(d.details.get("name"), str) and not state.task_id:
-        state.name = str(d.details["name"])
+    name = d.spec.name if d.spec is not None and d.spec.name else d.details.get("name")
+    if isinstance(name, str) and name and not state.task_id:
+        state.name = name
     changed = {k: v for k, v in values.items() if state.params.get(k, object()) != v}
     if changed:
         ops.append(_params(state, changed))

@@ -41,10 +41,11 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         c.stop()
     for t in tasks:
         t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     for t in done:
-        if t is not waiter and t.exception():
+        if t is not waiter and not t.cancelled() and t.exception():
             log.error("consumer crashed: %r", t.exception())
-    await nc.drain()
+    await nc.close()  # not drain: unacked messages are redelivered to the next writer anyway
     await engine.dispose()
 
 
