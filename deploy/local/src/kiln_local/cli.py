@@ -27,12 +27,14 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
                    "e.g. postgresql+asyncpg://user@host/db")
     p.add_argument("--runners", type=int, default=1)
     p.add_argument("--slots", type=int, default=1, help="trainers per runner")
+    p.add_argument("--clearml", default=None, metavar="CONF|offline",
+                   help="also mirror jobs into ClearML: a clearml.conf path, or 'offline' (sessions under the data dir)")
 
 
 def _config(a: argparse.Namespace) -> StackConfig:
     return StackConfig(data_dir=a.data_dir, host=a.host, api_port=a.api_port, notifier_port=a.notifier_port,
                        nats_url=a.nats_url, nats_port=a.nats_port, db_url=a.db_url, runners=a.runners,
-                       runner_slots=a.slots)
+                       runner_slots=a.slots, clearml=a.clearml)
 
 
 def _where(stack: Stack) -> str:

@@ -50,6 +50,7 @@ class StackConfig:
     runners: int = 1
     pool: str = "default"
     quiet: bool = True
+    clearml: str | None = None  # None: no forwarder; "offline" or a clearml.conf path
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -94,6 +95,13 @@ class Stack:
             **common, "KILN_API_NATS_URL": self.nats_url, "KILN_API_DATABASE_URL": self.db_url,
             "KILN_API_HOST": self.cfg.host, "KILN_API_PORT": str(self.cfg.api_port),
             "KILN_API_NOTIFIER_URL": self.ws_url})
+        if self.cfg.clearml:
+            env = {**common, "KILN_CLEARML_ENABLED": "1", "KILN_CLEARML_NATS_URL": self.nats_url}
+            if self.cfg.clearml == "offline":
+                env.update(KILN_CLEARML_OFFLINE="1", KILN_CLEARML_CACHE_DIR=str(self.data_dir / "clearml"))
+            else:
+                env["KILN_CLEARML_CONFIG_FILE"] = str(Path(self.cfg.clearml).resolve())
+            self._spawn("clearml-forwarder", [py, "-m", "kiln_clearml_forwarder"], env)
         for i in range(self.cfg.runners):
             self._spawn(f"runner-{i}", [py, "-m", "kiln_runner"], {
                 **common, "KILN_RUNNER_NATS_URL": self.nats_url, "KILN_RUNNER_POOL": self.cfg.pool,

@@ -18,7 +18,7 @@ from kiln_store import make_engine, upgrade
 
 from .adapters import jobs_repo
 from .adapters.bus import Bus
-from .routes import jobs
+from .routes import artifacts, jobs
 from .settings import Settings
 
 log = logging.getLogger("kiln.api")
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Kiln API", version="0.1.0", lifespan=lifespan,
                   description="Create, start, watch and cancel YOLO training jobs.")
     app.include_router(jobs.router, prefix="/api/v1")
+    app.include_router(artifacts.router, prefix="/api/v1")
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:

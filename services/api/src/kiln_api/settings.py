@@ -13,3 +13,4 @@ class Settings(BaseSettings):
     notifier_url: str = "ws://127.0.0.1:8001"  # what the web page uses for live events
     sweep_interval_s: float = 15.0  # republish start commands of queued jobs no runner has acknowledged
     sweep_after_s: float = 30.0
+    artifact_s3_endpoint_url: str | None = None  # presigned downloads of s3:// artifacts
