@@ -74,3 +74,24 @@ def test_start_publishes_one_command_and_refuses_a_second_start(client, nats_ser
     assert [j["id"] for j in listed] == [job["id"]]
     assert client.get("/api/v1/jobs", params={"status": "running"}).json() == []
     assert client.get("/api/v1/jobs", params={"status": "bogus"}).status_code == 422
+
+
+def test_rerun_creates_a_new_job_from_the_recorded_spec_and_cancel_of_a_queued_job(client):
+    job = client.post("/api/v1/jobs", json={**SPEC, "start": True}).json()
+    rerun = client.post(f"/api/v1/jobs/{job['id']}/rerun")
+    assert rerun.status_code == 201
+    body = rerun.json()
+    assert body["id"] != job["id"] and body["rerun_of"] == job["id"] and body["spec"] == job["spec"]
+    assert body["status"] == "queued"
+    r = client.post(f"/api/v1/jobs/{body['id']}/cancel")
+    assert r.status_code == 202
+    # the API publishes the end of a queued job itself; no writer runs here, so read the bus
+    async def finished_events():
+        nc = await nats.connect(client.app.state.settings.nats_url)
+        sub = await nc.jetstream().subscribe(f"kiln.evt.*.{body['id']}.finished", ordered_consumer=True)
+        msg = await sub.next_msg(timeout=5)
+        await nc.close()
+        return msg
+    from kiln_contracts import Event
+    ev = Event.model_validate_json(asyncio.run(finished_events()).data)
+    assert ev.data.status.value == "cancelled" and ev.source == "api"

@@ -156,3 +156,20 @@ async def test_sigterm_runner_hands_its_running_job_back(bus, runners, dataset, 
     assert [(e.attempt, e.data.status) for e in fin] == [(2, JobStatus.completed)]
     queued2 = [e for e in log.of("handoff", "status") if e.attempt == 2 and e.data.status == JobStatus.queued]
     assert queued2 and "shut down" in queued2[0].data.reason
+
+
+async def test_each_slot_gets_its_own_gpu_and_the_timeout_stops_a_job(bus, runners, dataset, tmp_path):
+    nc, js, log = bus
+    runners("gpu", slots=2, gpus=["0", "1"], kill_grace_s=2).wait_ready()
+    await publish_start(js, "g1", spec(dataset, seconds=2))
+    await publish_start(js, "g2", spec(dataset, seconds=60, timeout_s=10))
+    await log.wait(lambda: log.finished("g1") and log.finished("g2"), timeout=40)
+    devices = sorted(next(e.data.details["cuda_visible_devices"] for e in log.of(j, "status")
+                          if e.data.status == JobStatus.running) for j in ("g1", "g2"))
+    assert devices == ["0", "1"]
+    timed_out = log.finished("g2")[0].data
+    assert (timed_out.status, timed_out.exit_class.value) == (JobStatus.failed, "timeout")
+    assert "timeout" in timed_out.reason
+    record = next(e.data.details for e in log.of("g1", "status") if e.data.status == JobStatus.running)
+    for key in ("dataset_snapshot", "seed", "host", "version_kiln", "version_torch", "version_ultralytics"):
+        assert key in record, key
