@@ -46,16 +46,29 @@ class Runner:
         if self.draining:
             await msg.nack()
             return
-        if not await self._claim(cmd):
+        slot = await self.slots.take()  # immediate: this handler only runs while a slot is free
+        job = RunningJob(cmd, self.settings, self.js, slot, self.registry, self.datasets)
+        # Enter the running registry before the permanent claim: if this runner dies in between, the reaper
+        # finds the entry going stale and retries or marks the attempt lost; it never stays "starting".
+        try:
+            registered = await job.register()
+            claimed = registered and await self._claim(cmd)
+        except Exception:
+            await job.unregister()
+            await self.slots.give(slot)
+            raise  # not acked: the command is redelivered after the ack wait
+        if not claimed:
+            await job.unregister()
+            await self.slots.give(slot)
             await msg.ack()
             return
         if (reason := await self._cancel_mark(cmd.job_id)) is not None:
             log.info("job %s was cancelled while queued; not starting it", cmd.job_id)
             await self._finish_unstarted(cmd, reason)
+            await job.unregister()
+            await self.slots.give(slot)
             await msg.ack()
             return
-        slot = await self.slots.take()
-        job = RunningJob(cmd, self.settings, self.js, slot, self.registry, self.datasets)
         self.jobs[cmd.job_id] = job
         task = asyncio.create_task(self._run(job, slot))
         self.tasks.add(task)

@@ -180,14 +180,31 @@ class RunningJob:
         last = self.dir / "train" / "weights" / "last.pt"
         return str(last) if last.exists() else None
 
+    async def register(self) -> bool:
+        """Enter the running registry; False when the attempt is already held there (a duplicate delivery)."""
+        if self.registry is None:
+            return True
+        try:  # other errors propagate: the start command is then not acked and comes back later
+            self._reg_rev = await self.registry.create(self.registry_key, json.dumps(self._record()).encode())
+            return True
+        except KeyWrongLastSequenceError:
+            log.info("job %s attempt %s is already running elsewhere; dropping duplicate start", self.cmd.job_id,
+                     self.cmd.attempt)
+            return False
+
+    async def unregister(self) -> None:
+        await self._unregister()
+
     async def _register(self) -> None:
         """Create/refresh this attempt's entry in the running registry (compare-and-set: detects fencing)."""
         if self.registry is None:
             return
-        rec = {"runner": self.settings.runner_id, "cmd": self.cmd.model_dump(mode="json"),
-               "pid": self.proc.pid if self.proc else None, "checkpoint": self._checkpoint()}
         async with self._reg_lock:
-            await self._put(rec)
+            await self._put(self._record())
+
+    def _record(self) -> dict:
+        return {"runner": self.settings.runner_id, "cmd": self.cmd.model_dump(mode="json"),
+                "pid": self.proc.pid if self.proc else None, "checkpoint": self._checkpoint()}
 
     async def _put(self, rec: dict) -> None:
         assert self.registry is not None
