@@ -7,6 +7,12 @@ second for ``--duration`` seconds, and prints the latency from the event's creat
 
     .venv/bin/python bench/bench_notifier.py                      # 100 jobs x 10 events/s, 100 clients, 10 s
     .venv/bin/python bench/bench_notifier.py --jobs 20 --duration 5
+    .venv/bin/python bench/bench_notifier.py --clients 1000       # 100 jobs, 10 clients watching each
+    .venv/bin/python bench/bench_notifier.py --jobs 1 --clients 1000   # 1,000 clients watching one job
+
+``--clients`` spreads the clients over the jobs round-robin (default: one per job); every client has its own
+ordered consumers in the notifier (its own cursor), so N clients of one job cost N consumers.  The clients all
+run in this one process: with 1,000 of them, its own CPU is part of the measured latency (see the CPU line).
 """
 
 from __future__ import annotations
@@ -68,30 +74,41 @@ class Client:
         self.job_id = job_id
         self.latencies: list[tuple[float, float]] = []  # (sent at, latency)
         self.seen: set[str] = set()
-        self.duplicates = self.out_of_order = 0
+        self.duplicates = self.out_of_order = self.last_seq = self.resumes = 0
         self.ready = asyncio.Event()
 
     async def run(self, port: int, stop: asyncio.Event) -> None:
-        url = f"ws://127.0.0.1:{port}/api/v1/ws/jobs/{self.job_id}"
-        async with websockets.connect(url, proxy=None, open_timeout=30, max_queue=None) as ws:
-            last_seq = 0
-            while not stop.is_set():
-                try:
-                    raw = await asyncio.wait_for(ws.recv(), 0.5)
-                except asyncio.TimeoutError:
-                    continue
-                now = time.time()
-                msg = json.loads(raw)
-                if msg["type"] == "subscribed":
-                    self.ready.set()
-                if msg["type"] != "event":
-                    continue
-                sent = datetime.fromisoformat(msg["event"]["time"]).timestamp()
-                self.latencies.append((sent, now - sent))
-                self.duplicates += msg["event"]["id"] in self.seen
-                self.seen.add(msg["event"]["id"])
-                self.out_of_order += msg["seq"] <= last_seq
-                last_seq = msg["seq"]
+        """Read until ``stop``; like a real client, resume with its cursor when the notifier cuts it off."""
+        cursor: dict[str, int] = {}
+        while not stop.is_set():
+            query = "&".join(f"after_{k}={v}" for k, v in sorted(cursor.items()))
+            url = f"ws://127.0.0.1:{port}/api/v1/ws/jobs/{self.job_id}" + (f"?{query}" if query else "")
+            try:
+                async with websockets.connect(url, proxy=None, open_timeout=30, max_queue=None) as ws:
+                    await self._read(ws, stop, cursor)
+            except (websockets.ConnectionClosed, OSError, asyncio.TimeoutError):
+                self.resumes += 1
+                await asyncio.sleep(0.2)
+
+    async def _read(self, ws, stop: asyncio.Event, cursor: dict[str, int]) -> None:  # type: ignore[no-untyped-def]
+        while not stop.is_set():
+            try:
+                raw = await asyncio.wait_for(ws.recv(), 0.5)
+            except asyncio.TimeoutError:
+                continue
+            now = time.time()
+            msg = json.loads(raw)
+            if msg["type"] == "subscribed":
+                self.ready.set()
+            if msg["type"] != "event":
+                continue
+            cursor[msg["stream"]] = msg["seq"]
+            sent = datetime.fromisoformat(msg["event"]["time"]).timestamp()
+            self.latencies.append((sent, now - sent))
+            self.duplicates += msg["event"]["id"] in self.seen
+            self.seen.add(msg["event"]["id"])
+            self.out_of_order += msg["seq"] <= self.last_seq
+            self.last_seq = msg["seq"]
 
 
 async def publish(js, job_id: str, rate: float, until: float, offset: float) -> int:
@@ -123,16 +140,22 @@ async def bench(args: argparse.Namespace) -> None:
             js = nc.jetstream()
             await ensure_streams(js)
             jobs = [f"bench-{i:04d}-{os.urandom(3).hex()}" for i in range(args.jobs)]
-            clients = [Client(job) for job in jobs]
+            clients = [Client(jobs[i % len(jobs)]) for i in range(args.clients or args.jobs)]
             stop = asyncio.Event()
-            tasks = [asyncio.create_task(c.run(port, stop)) for c in clients]
-            await asyncio.wait_for(asyncio.gather(*(c.ready.wait() for c in clients)), 60)
+            tasks = []
+            for c in clients:  # connect in small waves: a thousand handshakes at once time out on two cores
+                tasks.append(asyncio.create_task(c.run(port, stop)))
+                if len(tasks) % 50 == 0:
+                    await asyncio.wait_for(asyncio.gather(*(c.ready.wait() for c in clients[:len(tasks)])), 120)
+            await asyncio.wait_for(asyncio.gather(*(c.ready.wait() for c in clients)), 120)
             cpu0, t0, wall0 = cpu_seconds(notifier.pid), time.monotonic(), time.time()
+            own0 = cpu_seconds(os.getpid())
             until = t0 + args.duration
             counts = await asyncio.gather(*(publish(js, job, args.rate, until, i / args.jobs / args.rate)
                                             for i, job in enumerate(jobs)))
             await asyncio.sleep(args.drain)
             cpu = cpu_seconds(notifier.pid) - cpu0
+            own = cpu_seconds(os.getpid()) - own0
             elapsed = time.monotonic() - t0
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -141,28 +164,35 @@ async def bench(args: argparse.Namespace) -> None:
             notifier.terminate()
             notifier.wait(15)
             server.stop()
-    report(args, clients, sum(counts), cpu, elapsed, wall0)
+    per_job = dict(zip(jobs, counts, strict=True))
+    expected = sum(per_job[c.job_id] for c in clients)
+    report(args, clients, sum(counts), expected, cpu, own, elapsed, wall0)
 
 
 def report(
-    args: argparse.Namespace, clients: list[Client], published: int, cpu: float, elapsed: float, wall0: float
+    args: argparse.Namespace, clients: list[Client], published: int, expected: int, cpu: float, own: float,
+    elapsed: float, wall0: float,
 ) -> None:
     # Events of the first --warmup seconds count for delivery, not for latency (connections and caches warming up).
     lat = sorted(x for c in clients for sent, x in c.latencies if sent >= wall0 + args.warmup)
     received = sum(len(c.seen) for c in clients)
     print(f"jobs={args.jobs} clients={len(clients)} rate={args.rate}/s/job duration={args.duration}s")
-    print(f"published={published} received={received} lost={published - received} "
-          f"duplicates={sum(c.duplicates for c in clients)} out_of_order={sum(c.out_of_order for c in clients)}")
+    print(f"published={published} expected deliveries={expected} received={received} lost={expected - received} "
+          f"duplicates={sum(c.duplicates for c in clients)} out_of_order={sum(c.out_of_order for c in clients)} "
+          f"resumes={sum(c.resumes for c in clients)}")
     if lat:
         ms = [x * 1000 for x in lat]
         print(f"latency ms ({len(ms)} events after {args.warmup:g}s warm-up): p50={pct(ms, 50):.2f} p90={pct(ms, 90):.2f} p99={pct(ms, 99):.2f} max={ms[-1]:.2f}")
     print(f"notifier CPU: {cpu:.2f}s over {elapsed:.1f}s ({100 * cpu / elapsed:.0f}% of one core), "
-          f"{published / args.duration:.0f} events/s in")
+          f"{published / args.duration:.0f} events/s in, {expected / args.duration:.0f} messages/s out; "
+          f"bench clients' CPU: {own:.2f}s ({100 * own / elapsed:.0f}% of one core)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=100, help="jobs, one WebSocket client each")
+    parser.add_argument("--clients", type=int, default=0, help="WebSocket clients, spread over the jobs "
+                        "(default: one per job)")
     parser.add_argument("--rate", type=float, default=10.0, help="events per second per job")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of publishing")
     parser.add_argument("--warmup", type=float, default=1.0, help="first seconds left out of the latency figures")

@@ -51,6 +51,8 @@ class JobDetail(JobOut):
 class Series(BaseModel):
     steps: list[int]
     values: list[float | None]
+    downsampled: bool = Field(False, description="True when this is a min/max downsampling of a longer series.")
+    total_points: int = Field(0, description="Points in the full series (equal to len(steps) unless downsampled).")
 
 
 class MetricsOut(BaseModel):

@@ -11,6 +11,8 @@ from kiln_contracts import (
     MetricsLogged, status_wins,
 )
 
+from .decode import Decoded, Points
+
 
 @dataclass
 class Rows:
@@ -27,9 +29,14 @@ class Rows:
         return len(self.metrics) + len(self.logs) + len(self.status_events) + len(self.artifacts)
 
 
-def to_rows(events: list[Event]) -> Rows:
+def to_rows(events: list[Decoded]) -> Rows:
     rows = Rows()
     for ev in events:
+        if isinstance(ev, Points):
+            base = {"event_id": ev.id, "job_id": ev.job_id, "attempt": ev.attempt, "time": ev.time}
+            rows.metrics += [{**base, "key": k, "kind": "metrics", "step": ev.step, "value": v}
+                             for k, v in ev.metrics.items()]
+            continue
         d = ev.data
         base = {"event_id": ev.id, "job_id": ev.job_id, "attempt": ev.attempt, "time": ev.time}
         if isinstance(d, EpochCompleted):

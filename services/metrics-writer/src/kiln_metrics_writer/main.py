@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from dataclasses import replace
 
 import nats
 
-from kiln_contracts.streams import ensure_streams, writer_consumers
+from kiln_contracts.streams import Durable, ensure_streams, writer_consumers
 from kiln_store import make_engine, upgrade
 
 from .adapters.sql import write_batch
@@ -28,9 +29,12 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     async def write(events):  # type: ignore[no-untyped-def]
         return await write_batch(engine, events)
 
+    lanes = settings.lanes if engine.dialect.name == "postgresql" else 1  # SQLite has one writer at a time
+    # Held messages get an in-progress ack at each retry: keep the backoff well under ack_wait.
+    backoff = min(settings.max_backoff_s, settings.ack_wait_s / 3)
     consumers = [
-        BatchConsumer(nc, d, write, batch_size=settings.batch_size, batch_ms=settings.batch_ms,
-                      max_backoff_s=settings.max_backoff_s)
+        BatchConsumer(nc, Durable(d.stream, replace(d.config, ack_wait=settings.ack_wait_s)), write,
+                      batch_size=settings.batch_size, batch_ms=settings.batch_ms, max_backoff_s=backoff, lanes=lanes)
         for d in writer_consumers(settings.durable)
     ]
     tasks = [asyncio.create_task(c.run()) for c in consumers]

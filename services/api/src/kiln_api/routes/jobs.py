@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Query
 
 from kiln_contracts import JobSpec, JobStatus, StartJob, utcnow
 from kiln_store import queries
+from kiln_store.downsample import minmax
 
 from ..adapters import jobs_repo
 from ..deps import BusDep, ConnDep
@@ -16,6 +17,7 @@ from ..schemas import EpochRow, JobCreate, JobDetail, JobOut, LogOut, MetricsOut
 
 log = logging.getLogger("kiln.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+DEFAULT_MAX_POINTS = 2000  # about one point per pixel column of a wide chart, for min and max
 
 
 async def _job_or_404(conn: ConnDep, job_id: str) -> dict[str, Any]:
@@ -110,13 +112,24 @@ async def get_metrics(
     conn: ConnDep,
     keys: Annotated[str | None, Query(description="Comma-separated metric names")] = None,
     kind: Annotated[str | None, Query(pattern="^(epoch|metrics)$")] = None,
+    max_points: Annotated[int, Query(
+        ge=0, description="Most points per series (0: all, else at least 10). A longer series is downsampled with "
+                          "min/max buckets over its step range, keeping the first and last points and every "
+                          "bucket's lowest and highest value, so no peak or dip is lost; its 'downsampled' is true.",
+    )] = DEFAULT_MAX_POINTS,
 ) -> MetricsOut:
+    """Metric series of a job, ordered by step (the latest attempt wins per step); long ones downsampled."""
+    if 0 < max_points < 10:
+        raise HTTPException(422, "max_points must be 0 (every point) or at least 10")
     await _job_or_404(conn, job_id)
     wanted = [k for k in (keys or "").split(",") if k] or None
     series = await queries.get_metrics(conn, job_id, keys=wanted, kind=kind)
-    return MetricsOut(job_id=job_id, series={
-        k: Series(steps=[s for s, _ in pts], values=[v for _, v in pts]) for k, pts in series.items()
-    })
+    out: dict[str, Series] = {}
+    for k, pts in series.items():
+        small = minmax(pts, max_points) if max_points and len(pts) > max_points else pts
+        out[k] = Series(steps=[s for s, _ in small], values=[v for _, v in small], downsampled=small is not pts,
+                        total_points=len(pts))
+    return MetricsOut(job_id=job_id, series=out)
 
 
 @router.get("/{job_id}/epochs", response_model=list[EpochRow])
