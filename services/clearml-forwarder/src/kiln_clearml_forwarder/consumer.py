@@ -13,21 +13,13 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from pydantic import ValidationError
 
-from kiln_contracts import Event, subjects
+from kiln_contracts.service import dead_letter
+from kiln_contracts import Event
 from kiln_contracts.streams import Durable
 
 log = logging.getLogger("kiln.clearml_forwarder")
 
 Submit = Callable[[Msg, Event], Awaitable[None]]
-
-
-async def dead_letter(nc: NATS, consumer: str, msg: Msg, reason: str) -> None:
-    """Terminate a poison message (no redelivery) and record it on the consumer's dead-letter subject."""
-    seq = msg.metadata.sequence.stream if msg.reply else 0
-    headers = {"Kiln-Reason": reason[:500], "Kiln-Stream-Seq": str(seq), "Kiln-Subject": msg.subject}
-    await nc.jetstream().publish(subjects.dlq(consumer), msg.data, headers=headers)
-    await msg.term()
-    log.warning("dead-lettered stream seq %s on %s: %s", seq, msg.subject, reason)
 
 
 class PullConsumer:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from typing import Any
 
 import nats
 
+from kiln_contracts.service import run_until_signalled
 from kiln_contracts.streams import ensure_streams, forwarder_consumers
 
 from .adapters.clearml import ClearMLPort, make_clearml
@@ -68,17 +68,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None, clearml: Cl
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings()
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run(settings, stop)
-
-    asyncio.run(_main())
+    run_until_signalled(lambda stop: run(settings, stop))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from sqlalchemy import exc as sa_exc
 
-from kiln_contracts import subjects
+from kiln_contracts.service import dead_letter
 from kiln_contracts.streams import Durable
 
 from .decode import Decoded, Poison, decode
@@ -23,15 +23,6 @@ log = logging.getLogger("kiln.metrics_writer")
 
 WriteFn = Callable[[list[Decoded]], Awaitable[int]]
 Item = tuple[Msg, Union[Decoded, Poison]]
-
-
-async def dead_letter(nc: NATS, consumer: str, msg: Msg, reason: str) -> None:
-    """Terminate a poison message (no redelivery) and record it on the consumer's dead-letter subject."""
-    seq = msg.metadata.sequence.stream if msg.reply else 0
-    headers = {"Kiln-Reason": reason[:500], "Kiln-Stream-Seq": str(seq), "Kiln-Subject": msg.subject}
-    await nc.jetstream().publish(subjects.dlq(consumer), msg.data, headers=headers)
-    await msg.term()
-    log.warning("dead-lettered stream seq %s on %s: %s", seq, msg.subject, reason)
 
 
 def is_data_error(exc: BaseException) -> bool:

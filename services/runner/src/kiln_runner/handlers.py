@@ -12,7 +12,8 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from kiln_contracts import CancelJob, Event, ExitClass, JobFinished, JobStatus, StartJob, subjects
+from kiln_contracts.service import dead_letter
+from kiln_contracts import CancelJob, Event, ExitClass, JobFinished, JobStatus, StartJob
 
 from .adapters.datasets import DatasetCache
 from .jobs import RunningJob
@@ -40,8 +41,9 @@ class Runner:
         try:
             cmd = StartJob.model_validate_json(raw.data)
         except (ValidationError, ValueError) as exc:
-            await self._dead_letter(raw, f"invalid start command: {str(exc)[:400]}")
-            await msg.reject()
+            await dead_letter(self.nc, f"runner-{self.settings.pool}", raw, f"invalid start command: {str(exc)[:400]}",
+                              terminate=False)
+            await msg.reject()  # terminates it through FastStream
             return
         if self.draining:
             await msg.nack()
@@ -116,14 +118,6 @@ class Runner:
         ev = Event.new(job_id=cmd.job_id, project=cmd.spec.project, attempt=cmd.attempt, seq=1, source="runner",
                        data=JobFinished(status=JobStatus.cancelled, reason=reason, exit_class=ExitClass.cancelled))
         await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
-
-    async def _dead_letter(self, raw: Msg, reason: str) -> None:
-        seq = raw.metadata.sequence.stream if raw.reply else 0
-        await self.js.publish(
-            subjects.dlq(f"runner-{self.settings.pool}"), raw.data,
-            headers={"Kiln-Reason": reason[:500], "Kiln-Stream-Seq": str(seq), "Kiln-Subject": raw.subject},
-        )
-        log.warning("dead-lettered start command (stream seq %s): %s", seq, reason)
 
     async def on_cancel(self, raw: Msg) -> None:
         try:
