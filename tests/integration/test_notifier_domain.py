@@ -11,7 +11,7 @@ import pytest
 from kiln_contracts import EpochCompleted, Event, Heartbeat
 from nats.js import api
 
-from kiln_notifier.adapters.jetstream import consumer_config
+from kiln_notifier.adapters.jetstream import Feed, Listener, Rendered, consumer_config
 from kiln_notifier.domain import (
     Outbox,
     Outgoing,
@@ -90,6 +90,46 @@ async def test_outbox_overflow_latches_and_reports_sent_cursor() -> None:
     assert box.cursor() == {"job:j1": {"events": 11, "logs": 3}}
     assert json.loads(overflow_message(box.cursor())) == {
         "type": "overflow", "dropped_after": {"job:j1": {"after_events": 11, "after_logs": 3}}}
+
+
+def _drain(box: Outbox) -> list[int]:
+    seqs = []
+    while box.qsize():
+        item = box._queue.get_nowait()
+        seqs.append(item.seq)
+    return seqs
+
+
+def test_listener_switches_from_replay_to_feed_without_gap_or_duplicate() -> None:
+    data = _event().to_bytes()
+    feed = Feed("job:j1", "events", "subj", high=5)  # the stream ended at 5 when the feed started
+    box = Outbox(capacity=10)
+    listener = Listener(box, "job:j1", "events", after=2, heartbeats=False)
+    feed.add(listener)
+    assert listener.live_from == 6 and not listener.caught_up()
+    for seq in (6, 7):  # live messages while the client replays: held back
+        listener.from_feed(Rendered("job:j1", "events", seq, data))
+    for seq in (3, 5, 6):  # the replay: 4 is another job's, 6 was also live
+        listener.deliver(Rendered("job:j1", "events", seq, data))
+    assert listener.caught_up()
+    listener.go_live()
+    listener.from_feed(Rendered("job:j1", "events", 8, data))
+    assert _drain(box) == [3, 5, 6, 7, 8]
+
+
+def test_listener_buffer_counts_against_the_queue() -> None:
+    box = Outbox(capacity=2)
+    listener = Listener(box, "job:j1", "events", after=None, heartbeats=False)
+    for seq in (1, 2, 3):
+        listener.from_feed(Rendered("job:j1", "events", seq, b"{}"))
+    assert box.overflowed.is_set()
+
+
+def test_rendered_once_per_heartbeat_setting() -> None:
+    item = Rendered("job:j1", "events", 9, _event(Heartbeat(runner="r")).to_bytes())
+    assert item.text(False) is None and item.text(True) is not None
+    assert item.text(True) is item.text(True)
+    assert Rendered("job:j1", "events", 9, b"not json").text(False) is None
 
 
 def test_consumer_start_positions() -> None:

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from kiln_contracts.streams import ensure_streams
 from nats.aio.client import Client as NATS
 
+from .adapters.jetstream import Fanout
 from .handlers import Hub, router
 from .settings import NotifierSettings
 
@@ -37,7 +38,8 @@ def create_app(settings: NotifierSettings) -> FastAPI:
         )
         js = nc.jetstream()
         await ensure_streams(js)
-        app.state.hub = Hub(settings=settings, nc=nc, js=js)
+        app.state.hub = Hub(
+            settings=settings, nc=nc, js=js, fanout=Fanout(js, idle_heartbeat=settings.consumer_idle_heartbeat_s))
         log.info("notifier connected to %s", nc.connected_url.netloc if nc.connected_url else settings.nats_url)
         try:
             yield

@@ -188,6 +188,7 @@ class Outbox:
     """
 
     def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
         self._queue: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=capacity)
         self.overflowed = asyncio.Event()
         self._sent: dict[str, dict[str, int | None]] = {}
@@ -209,6 +210,10 @@ class Outbox:
             self.overflowed.set()
             return False
         return True
+
+    def overflow(self) -> None:
+        """Latch ``overflowed`` from outside the queue (a replay whose live buffer ran over ``capacity``)."""
+        self.overflowed.set()
 
     async def get(self) -> Outgoing:
         return await self._queue.get()

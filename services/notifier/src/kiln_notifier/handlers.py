@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 from starlette.status import WS_1008_POLICY_VIOLATION
 
+from .adapters.jetstream import Fanout
 from .domain import Subscribe, origin_allowed
 from .session import Session
 from .settings import NotifierSettings
@@ -20,11 +21,12 @@ router = APIRouter()
 
 @dataclass
 class Hub:
-    """What the lifespan built and every route needs: the settings and the shared NATS connection."""
+    """What the lifespan built and every route needs: the settings, the NATS connection, the shared feeds."""
 
     settings: NotifierSettings
     nc: NATS
     js: JetStreamContext
+    fanout: Fanout
 
 
 def http_hub(request: Request) -> Hub:
@@ -54,7 +56,7 @@ async def job_socket(
     """One job's events and log batches: history after the cursor, then live."""
     if not await _handshake(websocket, hub):
         return
-    session = Session(websocket, hub.js, hub.settings)
+    session = Session(websocket, hub.fanout, hub.settings)
     try:
         opening = Subscribe(
             op="subscribe", job_id=job_id, after_events=after_events, after_logs=after_logs, heartbeats=heartbeats)
@@ -69,7 +71,7 @@ async def multi_socket(websocket: WebSocket, hub: WsHub) -> None:
     """Any number of job or project subscriptions, driven by the client's subscribe/unsubscribe messages."""
     if not await _handshake(websocket, hub):
         return
-    session = Session(websocket, hub.js, hub.settings)
+    session = Session(websocket, hub.fanout, hub.settings)
     await session.run(on_text=session.handle_op)
 
 

@@ -21,6 +21,8 @@ def build_server(settings: NotifierSettings) -> uvicorn.Server:
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, workers=1,
         ws="websockets-sansio", log_level=settings.log_level.lower(), lifespan="on",
+        # Compressing every message once per client cost ~6 % of the CPU with 1,000 clients; events are small.
+        ws_per_message_deflate=False,
         # A client that stopped reading must not hold up a restart (its cursor lets it resume elsewhere).
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
     )

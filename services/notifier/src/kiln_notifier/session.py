@@ -1,8 +1,10 @@
 """One WebSocket client: its outbox, its sender task, its subscriptions, and how it ends.
 
-Three tasks per client: the sender drains the outbox into the socket, the receiver reads the client's
-operations (and notices it leaving), and a watcher waits for an overflow. Whichever ends first ends the
-session; the JetStream subscriptions are dropped before anything else so that nothing keeps queueing.
+Live messages come from the process's shared feeds (one per watched subject, see ``adapters.jetstream``); a
+client replays its history with its own consumers first. Three tasks per client: the sender drains the outbox
+into the socket, the receiver reads the client's operations (and notices it leaving), and a watcher waits for
+an overflow. Whichever ends first ends the session; the client leaves its feeds and drops its replay consumers
+before anything else so that nothing keeps queueing.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from nats.js import JetStreamContext
 from starlette.status import WS_1008_POLICY_VIOLATION, WS_1011_INTERNAL_ERROR, WS_1013_TRY_AGAIN_LATER
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .adapters.jetstream import Relay
+from .adapters.jetstream import Fanout, Relay
 from .domain import (
     Outbox,
     Outgoing,
@@ -36,11 +37,11 @@ OnText = Callable[[str], Awaitable[None]]
 class Session:
     """The server side of one accepted WebSocket."""
 
-    def __init__(self, ws: WebSocket, js: JetStreamContext, settings: NotifierSettings) -> None:
+    def __init__(self, ws: WebSocket, fanout: Fanout, settings: NotifierSettings) -> None:
         self.ws = ws
         self.settings = settings
         self.outbox = Outbox(settings.client_queue)
-        self.relay = Relay(js, self.outbox, idle_heartbeat=settings.consumer_idle_heartbeat_s)
+        self.relay = Relay(fanout, self.outbox)
 
     def say(self, text: str) -> None:
         """Queue a control message behind the events already queued (so the client sees them in order)."""
