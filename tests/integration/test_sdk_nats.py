@@ -40,6 +40,8 @@ async def fetch(url: str, subject: str, stream: str = "KILN_EVENTS") -> list[tup
         while len(out) < total:
             msgs = await sub.fetch(min(500, total - len(out)), timeout=10)
             out += [((m.headers or {}).get("Nats-Msg-Id", ""), Event.model_validate_json(m.data)) for m in msgs]
+            for m in msgs:  # beyond max_ack_pending (1,000) the server would stop delivering
+                await m.ack()
         await sub.unsubscribe()
     finally:
         await nc.close()
@@ -188,3 +190,27 @@ def test_log_metrics_never_blocks_while_nats_is_down(tmp_path: Path) -> None:
     threading.Event().wait(0.1)
     assert not run.finish(timeout=1.0)
     assert run.reporter.stats["spooled"] + run.reporter.stats["coalesced"] >= 10_000 - 10  # type: ignore[attr-defined]
+
+
+async def test_events_without_a_stream_are_spooled_then_replayed(nats_server, tmp_path: Path) -> None:
+    run = new_run(nats_server.url, tmp_path, ack_timeout=1.0)  # a fresh server: no stream takes these subjects
+    for i in range(20):
+        run.log_metrics(i, {"loss": float(i)})
+    assert not run.finish(timeout=2.0)  # every publish answered "no responders": kept, not dropped
+    assert len((tmp_path / "spool" / "events.jsonl").read_text().splitlines()) == 20
+    await ensure(nats_server.url)
+    assert await replay(tmp_path / "spool", nats_server.url) == 20
+    got = await fetch(nats_server.url, subjects.job_events(run.job_id or ""))
+    assert [e.seq for _, e in got] == list(range(1, 21))
+
+
+async def test_pipelined_window_keeps_order_across_many_batches(nats_url: str, tmp_path: Path) -> None:
+    await ensure(nats_url)
+    run = new_run(nats_url, tmp_path, batch=100, max_inflight=300)  # many batches in flight at once
+    for i in range(5000):
+        run.log_metrics(i, {"loss": float(i)})
+        if i % 1000 == 999:
+            time.sleep(0.01)
+    assert run.finish(timeout=60), run.reporter.stats
+    got = await fetch(nats_url, subjects.job_events(run.job_id or ""))
+    assert [e.seq for _, e in got] == list(range(1, 5001 - run.reporter.stats["coalesced"]))  # type: ignore[attr-defined]

@@ -30,7 +30,8 @@ def test_every_call_becomes_one_numbered_trainer_event(tmp_path: Path) -> None:
     run.log_metrics(5, {"loss": 0.5, "n": 3})
     run.progress(1, 10, 4, 20, images_per_s=100.0, eta_s=12.0)
     run.epoch(1, 10, {"train/box_loss": 1.5, "metrics/mAP50(B)": 0.25}, epoch_time=3.5)
-    run.artifact(ckpt, epoch=1)
+    run.artifact(ckpt, epoch=1)  # hashed and announced by a background thread
+    assert run.flush(5)
     run.log("hello")
 
     assert [e.seq for e in rec.events] == [1, 2, 3, 4, 5]
@@ -198,3 +199,34 @@ def test_job_context_from_env(tmp_path: Path) -> None:
     assert (ctx.spool_dir, ctx.dataset, ctx.resume) == (tmp_path / "spool", "/d/data.yaml", "/w/last.pt")
     assert ctx.in_kiln and ctx.load_spec() is None
     assert JobContext.from_env({**env, "KILN_SPOOL_DIR": "/s"}).spool_dir == Path("/s")
+
+
+def test_the_publishers_fast_json_is_byte_for_byte_what_the_models_write() -> None:
+    np = pytest.importorskip("numpy")
+    t = 1_700_000_000.123456
+    records = [
+        ("metrics", t, {"step": 1, "metrics": {"loss": 0.1, "lr": 1e-05, "n": 3, "big": 1e300, "neg": -0.0}}),
+        ("log", t, {"text": "a"}),
+        ("log", t + 1, {"text": "b"}),
+        ("metrics", t + 2, {"step": 2, "metrics": {"é/ü \"q\"": 2.5}, "coalesced": 4}),  # escaped key
+        ("metrics", t + 3, {"step": 3, "metrics": {"np": np.float32(0.5), "nan": math.nan, "ok": 1.0}}),  # slow path
+        ("metrics", t + 4, {"step": 4, "metrics": {"flag": True}}),  # bools are not metrics values: slow path
+        ("epoch", t + 5, {"epoch": 1, "epochs": 2, "metrics": {"x": 1.0}, "epoch_time": 2.0}),
+        ("progress", t + 6, {"epoch": 1, "epochs": 2, "batch": 1, "batches": 2, "images_per_s": None, "eta_s": 1.0}),
+        ("metrics", t + 7, {"step": -1, "metrics": {"x": 1.0}}),  # invalid: left out, no seq taken
+        ("metrics", t + 8, {"step": 5, "metrics": {}}),
+    ]
+    fast, slow = EventFactory("j1", "p1", 3), EventFactory("j1", "p1", 3)
+    slow._id_prefix = fast._id_prefix
+    msgs = fast.serialize_many(records)
+    events = slow.build_many(records)
+    assert [(m[0], m[1], m[2]) for m in msgs] == [(e.subject, e.model_dump_json().encode(), e.id) for e in events]
+    assert [e.seq for e in events] == list(range(1, 9)) and fast.seq == slow.seq == 8
+    assert Event.model_validate_json(msgs[0][1]).data.metrics == {"loss": 0.1, "lr": 1e-05, "n": 3.0, "big": 1e300,
+                                                                  "neg": -0.0}
+    assert len({m[2] for m in msgs}) == len(msgs)
+
+
+def test_event_ids_are_unique_across_factories() -> None:
+    ids = {EventFactory("j1").build(("metrics", 0.0, {"step": 1, "metrics": {}})).id for _ in range(1000)}
+    assert len(ids) == 1000

@@ -3,17 +3,24 @@
 A *record* is what the training thread enqueues: ``(kind, unix_time, fields)``.  It is cheap to build (no
 validation, no serialization); :class:`EventFactory` validates it into a payload and wraps it in the envelope with
 the next gap-free ``seq``.
+
+The publisher does not need :class:`kiln_contracts.Event` objects, only their JSON:
+:meth:`EventFactory.serialize_many` writes ``MetricsLogged`` events (the high-volume kind) straight to JSON with
+``pydantic_core.to_json`` (a few us instead of about 50 us through the models); every other kind goes through the
+contract models.  The unit tests check that both paths write the same bytes.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import sys
 import threading
-import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
+
+from pydantic_core import to_json
 
 from kiln_contracts import (
     ArtifactStored,
@@ -23,10 +30,14 @@ from kiln_contracts import (
     LogLine,
     MetricsLogged,
     Progress,
+    subjects,
 )
 
 Record = tuple[str, float, dict[str, Any]]
 """``(kind, time.time(), payload fields)`` as enqueued by :class:`kiln_sdk.Run`."""
+
+Message = tuple[str, bytes, str]
+"""``(subject, payload, msg_id)``: one serialized event, ready to publish or spool."""
 
 MAX_LOG_LINES = 200
 _warned: set[str] = set()
@@ -55,7 +66,7 @@ def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     for key, value in metrics.items():
         try:
             f = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             warn_once(f"type:{key}", f"metric {key!r} is not a number ({type(value).__name__}); left out")
             continue
         if math.isfinite(f):
@@ -95,17 +106,60 @@ class EventFactory:
         (1, 'kiln.evt.p.j1.metrics', {'loss': 0.5})
     """
 
-    def __init__(self, job_id: str, project: str = "default", attempt: int = 1) -> None:
+    def __init__(self, job_id: str, project: str = "default", attempt: int = 1, seq_start: int = 0) -> None:
         self.job_id = job_id
         self.project = project
         self.attempt = attempt
-        self.seq = 0
+        self.seq = seq_start
+        # Event ids: 80 random bits per factory + the seq (unique like a uuid4, without its cost per event).
+        self._id_prefix = secrets.token_hex(10)
+        self._metrics_subject = subjects.event(project, job_id, "metrics")
 
-    def wrap(self, t: float, payload: Any) -> Event:
+    def _next(self) -> tuple[int, str]:
         # seq is taken only once the payload validated, so a rejected record leaves no gap.
         self.seq += 1
-        return Event(id=uuid.uuid4().hex, time=_dt(t), job_id=self.job_id, project=self.project,
-                     attempt=self.attempt, source="trainer", seq=self.seq, data=payload)
+        return self.seq, f"{self._id_prefix}{self.seq:012x}"
+
+    def wrap(self, t: float, payload: Any) -> Event:
+        seq, eid = self._next()
+        return Event(id=eid, time=_dt(t), job_id=self.job_id, project=self.project,
+                     attempt=self.attempt, source="trainer", seq=seq, data=payload)
+
+    def _metrics_json(self, t: float, fields: dict[str, Any]) -> Message | None:
+        """A ``MetricsLogged`` event as JSON without the models, or ``None`` when the record needs the slow path.
+
+        ``pydantic_core.to_json`` writes a plain dict the way the models would (same key order, same float and
+        datetime formats) in about 4 us; the checks before it send anything unusual to the models.
+        """
+        step = fields["step"]
+        metrics = fields["metrics"]
+        coalesced = fields.get("coalesced", 0)
+        if type(step) is not int or step < 0 or type(coalesced) is not int or coalesced < 0:
+            return None
+        ints = False
+        for key, value in metrics.items():
+            if type(value) is not float:
+                if type(value) is not int:
+                    return None  # tensors, numpy scalars, bools: the slow path converts them
+                ints = True
+            if type(key) is not str:
+                return None
+        if ints:  # written as floats, as the model would (3 -> 3.0)
+            try:
+                metrics = {k: float(v) for k, v in metrics.items()}
+            except OverflowError:
+                return None
+        seq = self.seq + 1
+        eid = f"{self._id_prefix}{seq:012x}"
+        payload = to_json({
+            "v": 1, "id": eid, "time": datetime.fromtimestamp(t, timezone.utc), "job_id": self.job_id,
+            "project": self.project, "attempt": self.attempt, "source": "trainer", "seq": seq,
+            "data": {"kind": "metrics", "step": step, "metrics": metrics, "coalesced": coalesced},
+        })
+        if b"NaN" in payload or b"Infinity" in payload:  # non-finite values: the slow path leaves them out
+            return None
+        self.seq = seq
+        return self._metrics_subject, payload, eid
 
     def build(self, record: Record) -> Event | None:
         """One record -> one event, or ``None`` (said once on stderr) when the record is invalid."""
@@ -140,3 +194,27 @@ class EventFactory:
         if lines:
             events.append(self.wrap(first_t, LogBatch(lines=lines)))
         return events
+
+    def serialize_many(self, records: Iterable[Record]) -> list[Message]:
+        """Like :meth:`build_many`, but straight to ``(subject, JSON, id)``: the publisher's fast path."""
+        out: list[Message] = []
+        logs: list[Record] = []  # consecutive log lines, batched by build_many
+
+        def slow(recs: list[Record]) -> None:
+            out.extend((e.subject, e.model_dump_json().encode(), e.id) for e in self.build_many(recs))
+
+        for record in records:
+            if record[0] == "log":
+                logs.append(record)
+                continue
+            if logs:
+                slow(logs)
+                logs = []
+            msg = self._metrics_json(record[1], record[2]) if record[0] == "metrics" else None
+            if msg is not None:
+                out.append(msg)
+            else:
+                slow([record])
+        if logs:
+            slow(logs)
+        return out

@@ -26,6 +26,12 @@ class JobContext:
         spool_dir: ``KILN_SPOOL_DIR`` (default ``$KILN_JOB_DIR/spool``).
         resume: ``KILN_RESUME``, a checkpoint to resume from.
         sdk_file: ``KILN_SDK_FILE``: outside Kiln, write events as JSON lines to this file.
+        artifact_dir: ``KILN_ARTIFACT_DIR``: store artifacts as copies in this folder.
+        artifact_s3_uri: ``KILN_ARTIFACT_S3_URI`` (``s3://bucket/prefix``): store artifacts in this bucket.
+        artifact_s3_endpoint: ``KILN_ARTIFACT_S3_ENDPOINT``: S3 endpoint URL (S3-compatible stores).
+        artifact_s3_region: ``KILN_ARTIFACT_S3_REGION`` (default ``us-east-1``).
+        system_metrics_s: ``KILN_SYSTEM_METRICS_S``: seconds between two samples of CPU, RAM and GPU use
+            (``sys/*`` metrics); default 5 inside Kiln, 0 (off) outside.
 
     Example:
         >>> ctx = JobContext.from_env({"KILN_JOB_ID": "j1", "KILN_ATTEMPT": "2", "KILN_JOB_DIR": "/tmp/j1"})
@@ -43,6 +49,11 @@ class JobContext:
     spool_dir: Path = Path("spool")
     resume: str | None = None
     sdk_file: Path | None = None
+    artifact_dir: Path | None = None
+    artifact_s3_uri: str | None = None
+    artifact_s3_endpoint: str | None = None
+    artifact_s3_region: str | None = None
+    system_metrics_s: float = 0.0
 
     @property
     def in_kiln(self) -> bool:
@@ -62,8 +73,14 @@ class JobContext:
             attempt = 1
         spec = env.get("KILN_JOB_SPEC")
         sdk_file = env.get("KILN_SDK_FILE")
+        artifact_dir = env.get("KILN_ARTIFACT_DIR")
+        job_id = env.get("KILN_JOB_ID") or None
+        try:
+            system_s = max(0.0, float(env.get("KILN_SYSTEM_METRICS_S") or (5.0 if job_id else 0.0)))
+        except ValueError:
+            system_s = 5.0 if job_id else 0.0
         return cls(
-            job_id=env.get("KILN_JOB_ID") or None,
+            job_id=job_id,
             project=env.get("KILN_PROJECT") or "default",
             attempt=attempt,
             nats_url=env.get("KILN_NATS_URL") or None,
@@ -73,6 +90,11 @@ class JobContext:
             spool_dir=Path(env.get("KILN_SPOOL_DIR") or job_dir / "spool"),
             resume=env.get("KILN_RESUME") or None,
             sdk_file=Path(sdk_file) if sdk_file else None,
+            artifact_dir=Path(artifact_dir) if artifact_dir else None,
+            artifact_s3_uri=env.get("KILN_ARTIFACT_S3_URI") or None,
+            artifact_s3_endpoint=env.get("KILN_ARTIFACT_S3_ENDPOINT") or None,
+            artifact_s3_region=env.get("KILN_ARTIFACT_S3_REGION") or None,
+            system_metrics_s=system_s,
         )
 
     def load_spec(self) -> StartJob | None:

@@ -1,8 +1,10 @@
 """NatsReporter: JetStream publishing from a background thread, with a spool when NATS is unreachable.
 
 The training thread only runs :meth:`NatsReporter.submit` (a ``deque.append`` plus, when the publisher sleeps, one
-wake-up).  A daemon thread runs its own asyncio loop that builds the envelopes, publishes them pipelined with
-``Nats-Msg-Id`` = event id and waits for the acks.  Whatever is not acknowledged goes to the spool file, in order;
+wake-up).  A daemon thread runs its own asyncio loop that serializes the events, publishes them pipelined with
+``Nats-Msg-Id`` = event id and checks the acks batch by batch while later batches are already on the wire (a
+bounded window of ``max_inflight`` messages), so serialization, the network and the server overlap.  Acks are matched
+on one reply subscription (:mod:`kiln_sdk._acks`).  Whatever is not acknowledged goes to the spool file, in order;
 once the spool holds anything, later events are appended behind it until it has been replayed, so the stream
 receives events in ``seq`` order and the ids make every retry idempotent.
 """
@@ -12,13 +14,19 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from ._events import EventFactory, Record, warn_once
 from ._queue import Marker, RecordQueue
 from .reporters import Reporter
-from .spool import Message, Spool, drain_spool, publish_batch
+from ._acks import AckPublisher, InflightBatch
+from .spool import Message, Spool, drain_spool
+
+
+IDLE_POLL_S = 0.05
+"""How often an idle publisher looks at the queue: the most a metric waits before it is sent."""
 
 
 class NatsReporter(Reporter):
@@ -31,7 +39,8 @@ class NatsReporter(Reporter):
         attempt: Attempt number (goes into every envelope).
         spool_dir: Folder of the spool (see :mod:`kiln_sdk.spool`); an existing spool is replayed first.
         maxsize: Queue size before metric updates are coalesced.
-        batch: Events published per round trip (pipelined).
+        batch: Events serialized and published per step.
+        max_inflight: Published events whose acks may be outstanding at once (the pipelining window).
         ack_timeout: Seconds to wait for JetStream acks before spooling.
         autostart: Start the publisher thread now (tests start it later to fill the queue first).
 
@@ -52,6 +61,7 @@ class NatsReporter(Reporter):
         *,
         maxsize: int = 10_000,
         batch: int = 1000,
+        max_inflight: int = 4000,
         ack_timeout: float = 5.0,
         autostart: bool = True,
     ) -> None:
@@ -59,6 +69,10 @@ class NatsReporter(Reporter):
         self.factory = EventFactory(job_id, project, attempt)
         self.spool = Spool(Path(spool_dir))
         self.batch = batch
+        self.max_inflight = max(max_inflight, batch)
+        self._inflight: deque[InflightBatch] = deque()
+        self._pub: AckPublisher | None = None
+        self._inflight_n = 0
         self.ack_timeout = ack_timeout
         self.reconnect_grace = 3.0  # at close, how long to wait for a lost connection to come back
         self._q = RecordQueue(maxsize)
@@ -91,7 +105,9 @@ class NatsReporter(Reporter):
         if self._closed:
             return
         self._q.put(record)
-        if self._idle:  # the publisher sleeps: wake it (only then, so a busy publisher costs the caller nothing)
+        # Wake a sleeping publisher for the rare kinds only: a wake-up is a syscall on this thread, and metrics,
+        # the frequent kind, are picked up by the publisher's poll within IDLE_POLL_S anyway.
+        if self._idle and record[0] != "metrics":
             self._idle = False
             self._wake_up()
 
@@ -130,10 +146,14 @@ class NatsReporter(Reporter):
     def _spool_leftovers(self) -> None:
         # No publisher thread (never started, or died): keep the queued events for the runner's replay.
         items = self._q.drain(1 << 62)
-        events = self.factory.build_many([r for r in items if not isinstance(r, Marker)])
+        # Published but unconfirmed first (a copy already stored is de-duplicated on replay), then the queue.
+        msgs = [m for batch in self._inflight for m in batch.messages]
+        self._inflight.clear()
+        self._inflight_n = 0
+        msgs += self.factory.serialize_many([r for r in items if not isinstance(r, Marker)])
         try:
-            self.spool.append([e.model_dump_json().encode() for e in events])
-            self.spooled += len(events)
+            self.spool.append([payload for _, payload, _ in msgs])
+            self.spooled += len(msgs)
         finally:
             self.spool.close()
             for marker in items:
@@ -202,6 +222,12 @@ class NatsReporter(Reporter):
         except Exception as exc:  # noqa: BLE001 - e.g. a malformed URL: spool only, the runner replays
             warn_once("connect", f"cannot connect to NATS {self.nats_url}: {exc!r}; spooling to {self.spool.path}")
             return
+        try:
+            self._pub = await AckPublisher.open(nc)
+        except Exception as exc:  # noqa: BLE001 - connected, but not for long: the reconnect logic takes over
+            warn_once("subscribe", f"cannot subscribe to acks: {exc!r}; spooling to {self.spool.path}")
+            await nc.close()
+            return
         self._nc, self._js = nc, nc.jetstream(timeout=self.ack_timeout)
         await on_change()
 
@@ -226,7 +252,10 @@ class NatsReporter(Reporter):
             if self._stop is not None and not len(self._q) and not self._keep_trying():
                 break
             if not items:
-                await self._sleep(0.05 if self._stop is not None else 0.25)
+                if self._inflight:
+                    await self._settle_all()
+                    continue
+                await self._sleep(IDLE_POLL_S)
         self._stop_now()
 
     async def _sleep(self, timeout: float) -> None:
@@ -263,6 +292,7 @@ class NatsReporter(Reporter):
         for item in items:
             if isinstance(item, Marker):
                 await self._deliver(segment)
+                await self._settle_all()  # a marker is answered once everything before it is acknowledged
                 segment = []
                 if item.stop:
                     self._stop, self._stop_seen = item, time.monotonic()
@@ -280,19 +310,42 @@ class NatsReporter(Reporter):
     async def _deliver(self, records: list[Record]) -> None:
         if not records:
             return
-        events = self.factory.build_many(records)
-        msgs: list[Message] = [(e.subject, e.model_dump_json().encode(), e.id) for e in events]
+        msgs: list[Message] = self.factory.serialize_many(records)
         if self.spool.pending or not self._connected():
+            await self._settle_all()  # what is in flight may fail: it must reach the spool before these
             self._to_spool(msgs)  # behind what is already spooled: order is kept
             return
-        errors = await publish_batch(self._js, msgs, self._ack_timeout())
+        while self._inflight and self._inflight_n + len(msgs) > self.max_inflight:
+            await self._settle_oldest()
+        if self.spool.pending:  # the window failed meanwhile: keep the order behind it
+            self._to_spool(msgs)
+            return
+        assert self._pub is not None
+        self._inflight.append(await self._pub.start(msgs))
+        self._inflight_n += len(msgs)
+
+    async def _settle_all(self) -> None:
+        while self._inflight:
+            await self._settle_oldest()
+
+    async def _settle_oldest(self) -> None:
+        """Check the acks of the oldest batch in flight; on a failure spool it and everything published after it."""
+        batch = self._inflight.popleft()
+        self._inflight_n -= len(batch.messages)
+        errors = await batch.settle(self._ack_timeout())
         bad = next((i for i, err in enumerate(errors) if err is not None), None)
         if bad is None:
-            self.delivered += len(msgs)
+            self.delivered += len(errors)
             return
         warn_once(f"publish:{type(errors[bad]).__name__}", f"publish failed ({errors[bad]!r}); spooling and retrying")
         self.delivered += bad
-        self._to_spool(msgs[bad:])  # a later one that was stored anyway is de-duplicated on replay by its id
+        # A later one that was stored anyway is de-duplicated on replay by its id.
+        self._to_spool(list(batch.messages[bad:]))
+        while self._inflight:
+            later = self._inflight.popleft()
+            later.cancel()
+            self._to_spool(list(later.messages))
+        self._inflight_n = 0
         self._retry_at = time.monotonic() + self._backoff
 
     def _to_spool(self, msgs: list[Message]) -> None:

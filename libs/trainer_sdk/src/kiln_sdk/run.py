@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
 from ._events import warn_once
+from .artifacts import ArtifactWorker, store_from_context
 from .context import JobContext
 from .nats_reporter import NatsReporter
 from .reporters import FileReporter, NullReporter, Reporter
+from .system import SystemMonitor, should_monitor
 
 
 def _env_float(name: str, default: float) -> float:
@@ -49,6 +49,10 @@ class Run:
         self.cancelled = False
         self._cancel_flag = False
         self._pid = os.getpid()
+        self._put = reporter.submit  # bound once: log_metrics is the hot path of the training thread
+        self._artifacts: ArtifactWorker | None = None
+        self._artifacts_lock = threading.Lock()
+        self.monitor: SystemMonitor | None = None
 
     @property
     def job_id(self) -> str | None:
@@ -71,7 +75,10 @@ class Run:
         Example:
             >>> run.log_metrics(100, {"loss": 0.31, "lr": 1e-3})  # doctest: +SKIP
         """
-        self._submit("metrics", {"step": step, "metrics": dict(metrics)})
+        try:
+            self._put(("metrics", time.time(), {"step": step, "metrics": dict(metrics)}))
+        except Exception as exc:  # noqa: BLE001 - reporting must never break training
+            warn_once("submit:metrics", f"could not report metrics: {exc!r}")
 
     def log(self, message: str) -> None:
         """Report one log line (``LogBatch``, stream ``sdk``); consecutive lines are batched together."""
@@ -92,21 +99,39 @@ class Run:
         self._submit("epoch", {"epoch": epoch, "epochs": epochs, "metrics": dict(metrics), "epoch_time": epoch_time})
 
     def artifact(self, path: str | os.PathLike[str], name: str | None = None, epoch: int | None = None) -> None:
-        """Announce a file (``ArtifactStored`` with its size and SHA-256; ``uri`` is its absolute path for now).
+        """Store and announce a file (``ArtifactStored``: name, ``uri`` where it is stored, size, SHA-256, epoch).
 
-        The hash is computed here, on the calling thread, because the file may be overwritten right after
-        (``last.pt`` is, every epoch): about 1 s per GB.
+        Returns at once: a background thread hashes the file, copies or uploads it to the configured store
+        (see :mod:`kiln_sdk.artifacts`) and then reports it.  A file rewritten before its turn is stored once, in
+        its newest version.  :meth:`flush` and :meth:`finish` wait for the queued artifacts.
+
+        Example:
+            >>> run.artifact("runs/train/weights/last.pt", epoch=3)  # doctest: +SKIP
         """
         try:
-            p = Path(path).resolve()
-            with open(p, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
-            size = p.stat().st_size
+            if self._artifacts is None:
+                with self._artifacts_lock:
+                    if self._artifacts is None:
+                        self._artifacts = ArtifactWorker(store_from_context(self.context), self._submit_at)
+            self._artifacts.add(path, name, epoch)
         except Exception as exc:  # noqa: BLE001
             warn_once(f"artifact:{path}", f"artifact {path} not reported: {exc!r}")
-            return
-        self._submit("artifact", {"name": name or p.name, "uri": str(p), "size": size, "sha256": digest,
-                                  "epoch": epoch})
+
+    def _submit_at(self, record: Any) -> None:
+        """Submit a record made on another thread (artifacts, system metrics), time included."""
+        try:
+            self.reporter.submit(record)
+        except Exception as exc:  # noqa: BLE001
+            warn_once(f"submit:{record[0]}", f"could not report {record[0]}: {exc!r}")
+
+    def start_system_metrics(self, interval: float) -> SystemMonitor | None:
+        """Report CPU, RAM and GPU use every ``interval`` s from a background thread (see :mod:`kiln_sdk.system`).
+
+        :func:`init` calls it inside Kiln (``KILN_SYSTEM_METRICS_S``, default 5 s); it is stopped by :meth:`finish`.
+        """
+        if self.monitor is None and interval > 0:
+            self.monitor = SystemMonitor(self._submit_at, interval).start()
+        return self.monitor
 
     @property
     def cancel_requested(self) -> bool:
@@ -126,16 +151,20 @@ class Run:
         return self.cancelled
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait up to ``timeout`` s until everything reported so far is delivered; True when it is."""
+        """Wait up to ``timeout`` s until everything reported so far (artifacts included) is delivered."""
         try:
-            return self.reporter.flush(timeout)
+            deadline = time.monotonic() + timeout
+            ok = self._artifacts.wait(timeout) if self._artifacts is not None else True
+            return self.reporter.flush(max(deadline - time.monotonic(), 0.0)) and ok
         except Exception as exc:  # noqa: BLE001
             warn_once("flush", f"flush failed: {exc!r}")
             return False
 
     def finish(self, status: str = "completed", timeout: float | None = None) -> bool:
-        """Deliver what is queued (waiting at most ``timeout`` s, default ``$KILN_SDK_FLUSH_TIMEOUT`` or 10) and
-        close the reporter.  Undelivered events stay in the spool for the runner.  Idempotent.
+        """Store the queued artifacts (at most ``$KILN_SDK_ARTIFACT_TIMEOUT`` s, default 300), deliver what is queued
+        (at most ``$KILN_SDK_FLUSH_TIMEOUT`` s, default 10) and close the reporter; with ``timeout`` (e.g. on SIGTERM)
+        both together take at most that long, half of it at least for the events.  Undelivered events stay in the
+        spool for the runner.  Idempotent.
 
         Returns:
             True when every event was acknowledged.
@@ -146,7 +175,18 @@ class Run:
         if os.getpid() != self._pid:  # a forked child (e.g. a data loader worker) owns nothing to flush
             return True
         try:
-            return self.reporter.close(_env_float("KILN_SDK_FLUSH_TIMEOUT", 10.0) if timeout is None else timeout)
+            if self.monitor is not None:
+                self.monitor.stop()
+            ok = True
+            start = time.monotonic()
+            if self._artifacts is not None:
+                ok = self._artifacts.close(_env_float("KILN_SDK_ARTIFACT_TIMEOUT", 300.0) if timeout is None
+                                           else timeout / 2)
+            if timeout is None:
+                flush = _env_float("KILN_SDK_FLUSH_TIMEOUT", 10.0)
+            else:
+                flush = max(timeout - (time.monotonic() - start), timeout / 2)
+            return self.reporter.close(flush) and ok
         except Exception as exc:  # noqa: BLE001
             warn_once("finish", f"finish failed: {exc!r}")
             return False
@@ -199,14 +239,27 @@ def init(*, reporter: Reporter | None = None, env: Mapping[str, str] | None = No
         if reporter is None:
             reporter = _default_reporter(ctx)
         _current = Run(ctx, reporter)
+        if ctx.in_kiln and ctx.system_metrics_s > 0 and _rank() in (-1, 0) and should_monitor():
+            _current.start_system_metrics(ctx.system_metrics_s)
         _install_hooks()
         return _current
+
+
+def _rank() -> int:
+    """This process's rank in a ``torch.distributed`` job (-1 when it is not a worker of one)."""
+    try:
+        return int(os.environ.get("RANK", "-1"))
+    except ValueError:
+        return -1
 
 
 def _default_reporter(ctx: JobContext) -> Reporter:
     try:
         if ctx.in_kiln:
-            return NatsReporter(ctx.nats_url, ctx.job_id or "", ctx.project, ctx.attempt, ctx.spool_dir)
+            spool = ctx.spool_dir
+            if _rank() >= 0:  # a DDP worker: its own spool beside the launcher's (the runner replays both)
+                spool = spool / f"rank{_rank()}-{os.getpid()}"
+            return NatsReporter(ctx.nats_url, ctx.job_id or "", ctx.project, ctx.attempt, spool)
         if ctx.sdk_file is not None:
             return FileReporter(ctx.sdk_file)
     except Exception as exc:  # noqa: BLE001

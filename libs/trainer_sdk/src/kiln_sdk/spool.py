@@ -94,6 +94,25 @@ class Spool:
         tmp.write_text(str(offset))
         os.replace(tmp, self.offset_path)
 
+    def reject_torn_tail(self) -> None:
+        """Move a last line without its newline (the writer was killed mid-write) to ``rejected.jsonl``.
+
+        Only for a spool whose writer is gone (the runner's replay): a live writer may still be appending.
+        """
+        if not self.path.exists() or self.size == 0:
+            return
+        with open(self.path, "rb+") as fh:
+            fh.seek(self.size - 1)
+            if fh.read(1) == b"\n":
+                return
+            fh.seek(0)
+            data = fh.read()  # rare path (a killed writer): reading the spool once is fine
+            cut = data.rfind(b"\n") + 1
+            self.reject(data[cut:])
+            fh.truncate(cut)
+        self.size = cut
+        self.offset = min(self.offset, cut)
+
     def reject(self, line: bytes) -> None:
         """Keep a line JetStream will never accept, so nothing is lost silently."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -131,13 +150,41 @@ def permanent(exc: BaseException) -> bool:
         and exc.code is not None and 400 <= exc.code < 500 and exc.code != 408
 
 
-async def publish_batch(js: JetStreamContext, messages: Sequence[Message], timeout: float) -> list[BaseException | None]:
-    """Publish ``messages`` pipelined (many in flight) and wait up to ``timeout`` s for all acks.
+class PendingBatch:
+    """Messages published pipelined whose acks may still be on their way (see :func:`start_batch`)."""
 
-    Returns:
-        One entry per message: ``None`` when JetStream acknowledged it, else the error (``TimeoutError`` when
-        no ack came in time).
-    """
+    __slots__ = ("messages", "futures", "errors", "t0")
+
+    def __init__(self, messages: Sequence[Message], futures: list[asyncio.Future | None],
+                 errors: list[BaseException | None]) -> None:
+        self.messages, self.futures, self.errors = messages, futures, errors
+        self.t0 = asyncio.get_running_loop().time()
+
+    async def settle(self, timeout: float) -> list[BaseException | None]:
+        """Wait up to ``timeout`` s (from the publish) for the acks; one entry per message, ``None`` = acked."""
+        pending = [f for f in self.futures if f is not None and not f.done()]
+        if pending:
+            left = max(self.t0 + timeout - asyncio.get_running_loop().time(), 0.01)
+            _, not_done = await asyncio.wait(pending, timeout=left)
+            for f in not_done:
+                f.cancel()  # frees nats-py's in-flight slot; a late ack is simply ignored
+        for i, f in enumerate(self.futures):
+            if f is None:
+                continue
+            if f.cancelled():
+                self.errors[i] = TimeoutError("no JetStream ack in time")
+            elif f.exception() is not None:
+                self.errors[i] = f.exception()
+        return self.errors
+
+    def cancel(self) -> None:
+        for f in self.futures:
+            if f is not None:
+                f.cancel()
+
+
+async def start_batch(js: JetStreamContext, messages: Sequence[Message]) -> PendingBatch:
+    """Publish ``messages`` pipelined (``Nats-Msg-Id`` = id) without waiting for their acks."""
     futures: list[asyncio.Future | None] = []
     errors: list[BaseException | None] = []
     for subject, payload, msg_id in messages:
@@ -147,19 +194,17 @@ async def publish_batch(js: JetStreamContext, messages: Sequence[Message], timeo
         except Exception as exc:  # noqa: BLE001 - e.g. connection closed: the rest fail the same way
             futures.append(None)
             errors.append(exc)
-    pending = [f for f in futures if f is not None]
-    if pending:
-        _, not_done = await asyncio.wait(pending, timeout=max(timeout, 0.01))
-        for f in not_done:
-            f.cancel()  # frees nats-py's in-flight slot; a late ack is simply ignored
-    for i, f in enumerate(futures):
-        if f is None:
-            continue
-        if f.cancelled():
-            errors[i] = TimeoutError("no JetStream ack in time")
-        elif f.exception() is not None:
-            errors[i] = f.exception()
-    return errors
+    return PendingBatch(messages, futures, errors)
+
+
+async def publish_batch(js: JetStreamContext, messages: Sequence[Message], timeout: float) -> list[BaseException | None]:
+    """Publish ``messages`` pipelined (many in flight) and wait up to ``timeout`` s for all acks.
+
+    Returns:
+        One entry per message: ``None`` when JetStream acknowledged it, else the error (``TimeoutError`` when
+        no ack came in time).
+    """
+    return await (await start_batch(js, messages)).settle(timeout)
 
 
 async def drain_spool(
@@ -208,10 +253,18 @@ async def drain_spool(
     return published, False
 
 
+def spool_folders(spool_dir: str | os.PathLike[str]) -> list[Path]:
+    """``spool_dir`` and the spools of DDP workers inside it (``rank<N>-<pid>/``) that hold events."""
+    root = Path(spool_dir)
+    subs = sorted(p for p in root.glob("rank*-*") if (p / "events.jsonl").exists()) if root.is_dir() else []
+    return [root, *subs]
+
+
 async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: float = 10.0) -> int:
     """Publish what a trainer left in its spool (e.g. it was killed while NATS was unreachable).
 
-    Deletes the spool when every line was acknowledged; otherwise keeps what is left for a later call.
+    Also replays the spools of DDP workers inside ``spool_dir`` (see :func:`spool_folders`).  Deletes a spool when
+    every line was acknowledged; otherwise keeps what is left for a later call.
 
     Args:
         spool_dir: The trainer's ``KILN_SPOOL_DIR`` (default ``$KILN_JOB_DIR/spool``).
@@ -222,7 +275,7 @@ async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: floa
         Number of lines JetStream acknowledged (a line already stored is acknowledged and stored once).
 
     Raises:
-        Exception: NATS is unreachable (the spool is left as it was).
+        Exception: NATS is unreachable, or a line was not acknowledged (what is left stays for a later call).
 
     Example:
         >>> import asyncio, tempfile
@@ -231,14 +284,34 @@ async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: floa
     """
     import nats
 
-    spool = Spool(Path(spool_dir))
-    if not spool.pending:
-        spool.clear()
+    spools = [Spool(p) for p in spool_folders(spool_dir)]
+    for s in spools:
+        s.reject_torn_tail()  # the trainer is gone: a half-written last line can never be completed
+    pending = [s for s in spools if s.pending]
+    for s in spools:
+        if not s.pending:
+            s.clear()
+    if not pending:
         return 0
-    nc = await nats.connect(nats_url, connect_timeout=timeout, allow_reconnect=False, max_reconnect_attempts=0)
+    async def quiet(exc: Exception) -> None:  # nats-py would log every refused attempt with a traceback
+        pass
+
+    # nats-py keeps retrying a refused first connection whatever max_reconnect_attempts says: bound it here.
+    nc = await asyncio.wait_for(nats.connect(nats_url, connect_timeout=timeout, allow_reconnect=False,
+                                             max_reconnect_attempts=0, error_cb=quiet), timeout)
+    published = 0
+    failed = False
     try:
-        published, _ = await drain_spool(nc.jetstream(timeout=timeout), spool, timeout=timeout)
+        js = nc.jetstream(timeout=timeout)
+        for spool in pending:
+            try:
+                n, bad = await drain_spool(js, spool, timeout=timeout)
+                published += n
+                failed |= bad
+            finally:
+                spool.close()
+        if failed:
+            raise RuntimeError(f"spool {spool_dir} not fully replayed ({published} events published); kept")
         return published
     finally:
-        spool.close()
         await nc.close()

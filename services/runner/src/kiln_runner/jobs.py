@@ -97,6 +97,16 @@ class RunningJob:
             env.setdefault("CUDA_VISIBLE_DEVICES", "")
         if self.cmd.resume_from:
             env["KILN_RESUME"] = self.cmd.resume_from
+        s = self.settings
+        for key, value in (("KILN_ARTIFACT_DIR", s.artifact_dir), ("KILN_ARTIFACT_S3_URI", s.artifact_s3_uri),
+                           ("KILN_ARTIFACT_S3_ENDPOINT", s.artifact_s3_endpoint)):
+            if value:
+                env[key] = str(value)
+        env.update(s.trainer_env)
+        if s.ultralytics_autoload:
+            from kiln_sdk.integrations.ultralytics_autoload import pythonpath
+
+            env["PYTHONPATH"] = pythonpath(env.get("PYTHONPATH"))
         return env
 
     async def _run(self, host: str) -> Outcome:
@@ -235,14 +245,26 @@ class RunningJob:
             await process.stop_group(self.proc, self.settings.kill_grace_s)
 
     async def _replay_spool(self) -> None:
-        """Publish what a killed trainer left in its spool (the SDK's stable event ids make this idempotent)."""
+        """Publish what a killed trainer left in its spool (the SDK's stable event ids make this idempotent).
+
+        Retried with backoff while NATS is unreachable (up to ``spool_replay_s``), before the job's end is reported.
+        """
         spool = self.dir / "spool"
         if not spool.is_dir() or not any(spool.iterdir()):
             return
-        try:
-            from kiln_sdk.spool import replay
+        from kiln_sdk.spool import replay
 
-            await replay(spool, self.settings.nats_url)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("spool replay of %s failed: %s", self.cmd.job_id, exc)
-
+        deadline = time.monotonic() + self.settings.spool_replay_s
+        delay = 0.5
+        while True:
+            try:
+                await replay(spool, self.settings.nats_url)
+                return
+            except Exception as exc:  # noqa: BLE001
+                if time.monotonic() >= deadline:
+                    log.error("spool replay of %s failed for good (%s); events kept in %s", self.cmd.job_id, exc,
+                              spool)
+                    return
+                log.warning("spool replay of %s failed (%s); retrying in %.1fs", self.cmd.job_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

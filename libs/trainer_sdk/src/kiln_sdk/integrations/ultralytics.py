@@ -205,9 +205,15 @@ callbacks = {
 def add_kiln_callbacks(model_or_trainer: Any) -> Any:
     """Register :data:`callbacks` on a ``YOLO`` model or a trainer (anything with ``add_callback``).
 
+    Idempotent: a hook already registered (e.g. by :mod:`kiln_sdk.integrations.ultralytics_autoload`) is not
+    added twice.
+
     Returns:
         The same object, for chaining.
     """
+    registered = getattr(model_or_trainer, "callbacks", None)
     for event, fn in callbacks.items():
+        if isinstance(registered, dict) and fn in registered.get(event, ()):
+            continue
         model_or_trainer.add_callback(event, fn)
     return model_or_trainer

@@ -1,0 +1,298 @@
+"""What the trainer SDK costs a training loop, and how much it can carry.
+
+    .venv/bin/python bench/bench_sdk.py [latency] [throughput] [yolo] [--calls 100000] [--events 100000]
+        [--repeat 3] [--pairs 4] [--epochs 3]
+
+1. ``latency``: the cost of one ``run.log_metrics(step, <10 metrics>)`` on the calling (training) thread, with the
+   real :class:`kiln_sdk.NatsReporter` connected to a real nats-server started here, measured per call with
+   ``perf_counter_ns``, as a burst (back to back) and paced (one call every 100 us or 1 ms of busy work, as a
+   training loop would call it, though rarely that often).  The same loop with a :class:`kiln_sdk.NullReporter`
+   and with a bare ``dict(...)`` copy gives the floor in the same process.
+2. ``throughput``: sustained events/s from this process into JetStream with acks: the producer submits as fast
+   as the SDK keeps up (backing off only when the queue is 90% full, so nothing coalesces), the count is the
+   stream's message count on the server; each round also measures nats-py alone (``publish_async`` of events
+   serialized beforehand) as the baseline of that moment.
+3. ``yolo``: a real tiny YOLO training (detection, CPU) with the Kiln integration on (publishing to the server)
+   and off, same seed, alternated on/off ``pairs`` times, each in a fresh process; reports the ratio of the
+   ``model.train()`` wall and CPU times, and the time spent inside Kiln's callbacks on the training thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import nats  # noqa: E402
+
+from kiln_contracts import streams  # noqa: E402
+from kiln_sdk import JobContext, NatsReporter, NullReporter, Run  # noqa: E402
+from kiln_testing import NatsServer  # noqa: E402
+
+METRICS = {f"train/metric_{i}": 0.1 * i for i in range(10)}
+
+
+async def _ensure(url: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        await streams.ensure_streams(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+async def _stream_count(url: str, stream: str = "KILN_EVENTS") -> int:
+    nc = await nats.connect(url)
+    try:
+        return int((await nc.jetstream().stream_info(stream)).state.messages)
+    finally:
+        await nc.close()
+
+
+def _run(url: str | None, tmp: Path, reporter: str = "nats", **options: object) -> Run:
+    job = f"bench-{uuid.uuid4().hex[:8]}"
+    ctx = JobContext(job_id=job, project="bench", nats_url=url, job_dir=tmp, spool_dir=tmp / job / "spool")
+    rep = NatsReporter(url, job, "bench", 1, ctx.spool_dir, **options) if reporter == "nats" else NullReporter()
+    return Run(ctx, rep)
+
+
+def _pct(samples: list[int], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))] / 1000.0  # ns -> us
+
+
+def _busy(us: float) -> None:
+    end = time.perf_counter_ns() + int(us * 1000)
+    while time.perf_counter_ns() < end:
+        pass
+
+
+def _time_calls(fn, calls: int, pace_us: float) -> list[int]:  # type: ignore[no-untyped-def]
+    clock = time.perf_counter_ns
+    out = [0] * calls
+    for i in range(calls):
+        t0 = clock()
+        fn(i)
+        out[i] = clock() - t0
+        if pace_us:
+            _busy(pace_us)
+    return out
+
+
+def _line(name: str, samples: list[int], base: list[int] | None = None) -> str:
+    p50, p99, p999 = _pct(samples, 0.5), _pct(samples, 0.99), _pct(samples, 0.999)
+    ratio = f"  (p50 {p50 / _pct(base, 0.5):.1f}x the floor)" if base else ""
+    worst = max(samples) / 1000
+    return f"  {name:<34} p50 {p50:6.2f} us  p99 {p99:6.2f} us  p99.9 {p999:7.2f} us  max {worst:8.1f} us{ratio}"
+
+
+def bench_latency(url: str, tmp: Path, calls: int) -> dict[str, float]:
+    print(f"1. log_metrics(step, {len(METRICS)} metrics) on the training thread, {calls:,} calls per series")
+    results: dict[str, float] = {}
+    for pace in (0.0, 100.0, 1000.0):
+        n = calls if not pace else min(calls, 20_000 if pace < 1000 else 5_000)
+        label = "burst" if not pace else f"paced {pace:.0f} us"
+        floor = _time_calls(lambda i: dict(METRICS), n, pace)
+        null = _run(None, tmp, reporter="null")
+        null_s = _time_calls(lambda i, r=null: r.log_metrics(i, METRICS), n, pace)
+        run = _run(url, tmp)
+        time.sleep(0.5)  # connected
+        real = _time_calls(lambda i, r=run: r.log_metrics(i, METRICS), n, pace)
+        ok = run.finish(timeout=60)
+        stats = run.reporter.stats
+        print(f" {label}:")
+        print(_line("dict(metrics) copy (floor)", floor))
+        print(_line("Run + NullReporter", null_s, floor))
+        print(_line("Run + NatsReporter (connected)", real, floor))
+        print(f"  delivered {stats['delivered']:,}, coalesced {stats['coalesced']:,}, spooled {stats['spooled']}, "
+              f"all acked: {ok}")
+        results[f"{label} p50_us"] = _pct(real, 0.5)
+        results[f"{label} p99_us"] = _pct(real, 0.99)
+    return results
+
+
+async def _raw_baseline(url: str, events: int) -> float:
+    """nats-py alone: pre-serialized events, publish_async with 4,000 in flight, counted on the server."""
+    from kiln_sdk._events import EventFactory
+
+    f = EventFactory(f"raw-{uuid.uuid4().hex[:8]}", "bench")
+    msgs = f.serialize_many([("metrics", time.time(), {"step": i, "metrics": METRICS}) for i in range(events)])
+    nc = await nats.connect(url)
+    js = nc.jetstream(publish_async_max_pending=4000)
+    before = (await js.stream_info("KILN_EVENTS")).state.messages
+    t0 = time.perf_counter()
+    for subject, payload, msg_id in msgs:
+        await js.publish_async(subject, payload, headers={"Nats-Msg-Id": msg_id})
+    await js.publish_async_completed()
+    dt = time.perf_counter() - t0
+    stored = (await js.stream_info("KILN_EVENTS")).state.messages - before
+    await nc.close()
+    return stored / dt
+
+
+def _sdk_throughput(url: str, tmp: Path, events: int) -> tuple[float, str]:
+    before = asyncio.run(_stream_count(url))
+    run = _run(url, tmp)
+    rep = run.reporter
+    assert isinstance(rep, NatsReporter)
+    time.sleep(0.5)
+    high = int(rep._q.maxsize * 0.9)  # noqa: SLF001 - back off before coalescing would start
+    t0 = time.perf_counter()
+    waits = 0
+    for i in range(events):
+        while len(rep._q) >= high:  # noqa: SLF001
+            waits += 1
+            time.sleep(0.0005)
+        run.log_metrics(i, METRICS)
+    t_sub = time.perf_counter()
+    ok = run.flush(timeout=120)
+    t_end = time.perf_counter()
+    stored = asyncio.run(_stream_count(url)) - before
+    run.finish(timeout=10)
+    rate = stored / (t_end - t0)
+    return rate, (f"submitted in {t_sub - t0:.2f}s ({waits:,} back-off sleeps), all acked after {t_end - t0:.2f}s: "
+                  f"{stored:,} stored (flush ok: {ok}, coalesced {rep.stats['coalesced']})")
+
+
+def bench_throughput(url: str, tmp: Path, events: int, repeat: int) -> float:
+    print(f"2. sustained events/s into JetStream with acks ({events:,} MetricsLogged of {len(METRICS)} metrics, "
+          f"{repeat} rounds, each against the baseline of that round)")
+    rates, ratios = [], []
+    for r in range(repeat):
+        raw = asyncio.run(_raw_baseline(url, events))
+        rate, detail = _sdk_throughput(url, tmp, events)
+        rates.append(rate)
+        ratios.append(rate / raw)
+        print(f"  round {r + 1}: nats-py alone (serialized beforehand, publish_async, 4,000 in flight) "
+              f"{raw:,.0f}/s; SDK {rate:,.0f}/s ({rate / raw:.2f}x); {detail}")
+    print(f"  SDK median {statistics.median(rates):,.0f} events/s, {statistics.median(ratios):.2f}x the baseline")
+    return statistics.median(rates)
+
+
+YOLO_CHILD = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    job = Path(sys.argv[1]); data = sys.argv[2]; kiln = sys.argv[3] == "on"; epochs = int(sys.argv[4])
+    os.environ.update(YOLO_OFFLINE="1", YOLO_AUTOINSTALL="0", YOLO_CONFIG_DIR=str(job / "yolo-config"))
+    os.environ.pop("PYTEST_CURRENT_TEST", None)
+    from kiln_trainer_ultralytics import environment
+    environment.prepare(job)
+    from ultralytics import YOLO
+    environment.switch_off_integrations()
+    model = YOLO("yolov8n.yaml")
+    spent = [0.0]
+    per: dict = {}
+    if kiln:
+        import kiln_sdk
+        from kiln_sdk.integrations import ultralytics as kiln_ul
+        run = kiln_sdk.init()
+
+        def timed(fn):
+            def hook(trainer):
+                t = time.perf_counter()
+                try:
+                    fn(trainer)
+                finally:
+                    dt = time.perf_counter() - t
+                    spent[0] += dt
+                    per[fn.__name__] = per.get(fn.__name__, 0.0) + dt
+            return hook
+
+        for event, fn in kiln_ul.callbacks.items():
+            model.add_callback(event, timed(fn))
+    t0, c0 = time.perf_counter(), time.process_time()
+    model.train(data=data, epochs=epochs, imgsz=64, batch=8, nbs=8, warmup_epochs=0, workers=0, plots=False,
+                seed=0, deterministic=True, device="cpu", project=str(job), name="train", exist_ok=True,
+                verbose=False, val=True)
+    t_train, cpu = time.perf_counter() - t0, time.process_time() - c0  # cpu: every thread of the process
+    ok = run.finish(timeout=30) if kiln else True
+    stats = run.reporter.stats if kiln else {}
+    print(json.dumps({"train_s": t_train, "cpu_s": cpu, "acked": ok, "delivered": stats.get("delivered", 0),
+                      "in_callbacks_s": spent[0], "per_callback_s": per}))
+""")
+
+
+def _train_once(url: str, tmp: Path, data: Path, name: str, mode: str, epochs: int) -> dict:
+    job = tmp / f"yolo-{name}-{mode}"
+    job.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "KILN_JOB_ID": f"bench-yolo-{name}-{mode}",
+           "KILN_PROJECT": "bench", "KILN_NATS_URL": url, "KILN_JOB_DIR": str(job)}
+    out = subprocess.run([sys.executable, "-c", YOLO_CHILD, str(job), str(data), mode, str(epochs)],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=job)
+    if out.returncode != 0:
+        raise SystemExit(f"training failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_yolo(url: str, tmp: Path, pairs: int, epochs: int) -> float:
+    from kiln_local.synth import make_detection_dataset
+
+    print(f"3. tiny YOLO training (yolov8n, imgsz 64, 32+8 images, {epochs} epochs, CPU, seed 0), "
+          f"integration on vs off, {pairs} pairs after one warm-up run")
+    data = make_detection_dataset(tmp / "data", n_train=32, n_val=8, imgsz=64)
+    _train_once(url, tmp, data, "warmup", "off", 1)  # writes the label caches, warms the page cache
+    res: dict[str, list[dict]] = {"on": [], "off": []}
+    wall, cpu = [], []
+    for p in range(pairs):
+        order = ("on", "off") if p % 2 == 0 else ("off", "on")  # alternate which goes first
+        pair = {}
+        for mode in order:
+            r = pair[mode] = _train_once(url, tmp, data, str(p), mode, epochs)
+            res[mode].append(r)
+            extra = (f", {r['in_callbacks_s'] * 1000:.1f} ms in Kiln callbacks, {r['delivered']} events acked: "
+                     f"{r['acked']}") if mode == "on" else ""
+            if mode == "on" and os.environ.get("BENCH_VERBOSE"):
+                print("   ", {k: round(v * 1000, 1) for k, v in r["per_callback_s"].items()})
+            print(f"  pair {p + 1} {mode:>3}: train {r['train_s']:.2f}s wall, {r['cpu_s']:.2f}s CPU{extra}")
+        wall.append(pair["on"]["train_s"] / pair["off"]["train_s"])
+        cpu.append(pair["on"]["cpu_s"] / pair["off"]["cpu_s"])
+    best = {m: min(r["train_s"] for r in res[m]) for m in res}
+    print(f"  wall on/off per pair: {', '.join(f'{r:.3f}' for r in wall)}; median {statistics.median(wall):.3f}; "
+          f"best-of-{pairs} on/off {best['on'] / best['off']:.3f} ({best['on']:.2f}s vs {best['off']:.2f}s)")
+    print(f"  CPU on/off per pair: {', '.join(f'{r:.3f}' for r in cpu)}; median {statistics.median(cpu):.3f}")
+    share = [r["in_callbacks_s"] / r["train_s"] for r in res["on"]]
+    print(f"  time inside the Kiln callbacks on the training thread: {statistics.median(share):.2%} of train() "
+          f"(median; max {max(share):.2%})")
+    return statistics.median(wall)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("parts", nargs="*", default=["latency", "throughput", "yolo"])
+    p.add_argument("--calls", type=int, default=100_000)
+    p.add_argument("--events", type=int, default=100_000)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
+    a = p.parse_args()
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        server = NatsServer(tmp / "nats")
+        server.start()
+        try:
+            asyncio.run(_ensure(server.url))
+            if "latency" in a.parts:
+                bench_latency(server.url, tmp, a.calls)
+            if "throughput" in a.parts:
+                bench_throughput(server.url, tmp, a.events, a.repeat)
+            if "yolo" in a.parts:
+                bench_yolo(server.url, tmp, a.pairs, a.epochs)
+        finally:
+            server.stop()
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
