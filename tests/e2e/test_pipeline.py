@@ -8,11 +8,11 @@ import time
 import httpx
 import pytest
 import websockets
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from kiln_local.stack import Stack, StackConfig, free_port
 from kiln_local.synth import make_detection_dataset
-from kiln_store import make_engine, metrics
+from kiln_store import make_engine, metric_events
 
 pytestmark = pytest.mark.e2e
 TRAIN = {"epochs": 2, "imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "warmup_epochs": 0, "seed": 0}
@@ -104,9 +104,12 @@ def test_rest_to_training_to_db_to_websocket(stack, dataset, db_url):
     async def rows_in_db():  # straight from the database, not through the API
         engine = make_engine(db_url)
         async with engine.connect() as conn:
-            res = await conn.execute(select(metrics.c.step, func.count()).where(
-                metrics.c.job_id == job_id, metrics.c.kind == "epoch").group_by(metrics.c.step).order_by(metrics.c.step))
-            out = [tuple(r) for r in res.all()]
+            res = await conn.execute(select(metric_events.c.step, metric_events.c["values"]).where(
+                metric_events.c.job_id == job_id, metric_events.c.kind == "epoch"))
+            points: dict[int, int] = {}
+            for step, values in res.all():  # one row per epoch event, its points as JSON
+                points[step] = points.get(step, 0) + len(values)
+            out = sorted(points.items())
         await engine.dispose()
         return out
 

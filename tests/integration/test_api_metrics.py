@@ -11,7 +11,7 @@ from sqlalchemy import insert
 
 from kiln_api.app import create_app
 from kiln_api.settings import Settings
-from kiln_store import make_engine, metrics, upgrade
+from kiln_store import make_engine, metric_events, upgrade
 
 SPEC = {"model": "yolov8n.yaml", "dataset": "/data/shapes", "train": {"epochs": 3, "imgsz": 64}}
 STEPS = 100_000
@@ -26,15 +26,13 @@ async def _insert(db_url: str, job_id: str) -> None:
     engine = make_engine(db_url)
     await upgrade(engine)
     now = datetime.now(timezone.utc)
-    rows = [{"event_id": f"e{s}", "key": "train/loss", "job_id": job_id, "attempt": 1, "kind": "metrics", "step": s,
-             "value": _loss(s), "time": now} for s in range(STEPS)]
-    rows += [{"event_id": f"e{s}", "key": "lr", "job_id": job_id, "attempt": 1, "kind": "metrics", "step": s,
-              "value": 0.01, "time": now} for s in range(0, STEPS, 200)]
-    rows.append({"event_id": "retry", "key": "lr", "job_id": job_id, "attempt": 2, "kind": "metrics", "step": 0,
-                 "value": 0.02, "time": now})  # a later attempt's value wins for its step
+    rows = [{"event_id": f"e{s}", "job_id": job_id, "attempt": 1, "kind": "metrics", "step": s, "time": now,
+             "values": {"train/loss": _loss(s), **({"lr": 0.01} if s % 200 == 0 else {})}} for s in range(STEPS)]
+    rows.append({"event_id": "retry", "job_id": job_id, "attempt": 2, "kind": "metrics", "step": 0, "time": now,
+                 "values": {"lr": 0.02}})  # a later attempt's value wins for its step (its train/loss is kept)
     async with engine.begin() as conn:
         for i in range(0, len(rows), 10_000):
-            await conn.execute(insert(metrics), rows[i : i + 10_000])
+            await conn.execute(insert(metric_events), rows[i : i + 10_000])
     await engine.dispose()
 
 

@@ -8,7 +8,8 @@ from sqlalchemy import func, select
 from kiln_contracts import EpochCompleted, Event, JobFinished, JobStatus, JobStatusChanged, LogBatch, LogLine, streams
 from kiln_metrics_writer.main import run
 from kiln_metrics_writer.settings import Settings
-from kiln_store import job_status, logs, make_engine, metrics, status_events, upgrade
+from kiln_store import job_status, logs, make_engine, metric_events, status_events, upgrade
+from kiln_store.queries import get_metrics
 
 
 async def _count(engine, table, **where):
@@ -54,7 +55,11 @@ async def test_redelivered_and_republished_events_do_not_duplicate_rows(nats_ser
             await js.publish(ev.subject, ev.to_bytes(), headers={"Nats-Msg-Id": f"{ev.id}-{copy}"})
     try:
         assert await _wait_for(lambda: _drained(js))
-        assert await _count(engine, metrics, job_id="job1") == 90  # >= 50 rows a batch: the COPY path on PostgreSQL
+        assert await _count(engine, metric_events, job_id="job1") == 3  # one row per epoch event
+        async with engine.connect() as conn:
+            series = await get_metrics(conn, "job1", kind="epoch")
+        assert sum(len(points) for points in series.values()) == 90
+        assert series["k3"] == [(1, 3.0), (2, 1.5), (3, 1.0)]
         assert await _count(engine, logs, job_id="job1") == 2
         assert await _count(engine, status_events, job_id="job1") == 2
         async with engine.connect() as conn:
@@ -94,7 +99,7 @@ async def test_poison_messages_go_to_the_dead_letter_stream_and_the_batch_goes_o
     await js.publish("kiln.evt.p.job2.epoch", b'{"v": 99, "id": "x"}')
     await js.publish(good.subject, good.to_bytes(), headers=good.headers())
     try:
-        assert await _wait_for(lambda: _has(engine, metrics, 1))
+        assert await _wait_for(lambda: _has(engine, metric_events, 1))
         sub = await js.pull_subscribe("kiln.dlq.>", stream="KILN_DLQ")
         msgs = await sub.fetch(2, timeout=5)
         assert len(msgs) == 2

@@ -4,6 +4,7 @@ from datetime import datetime, timezone
 
 from kiln_contracts import (
     EpochCompleted, Event, ExitClass, Heartbeat, JobFinished, JobStatus, JobStatusChanged, LogBatch, LogLine,
+    MetricsLogged,
 )
 from kiln_metrics_writer.domain import project_status, to_rows
 from kiln_runner.domain import classify_exit
@@ -34,10 +35,17 @@ def test_rows_from_events():
         ev(LogBatch(lines=[LogLine(text="x"), LogLine(text="y")])),
         ev(JobStatusChanged(status=JobStatus.running)),
     ])
-    assert {(r["key"], r["step"], r["value"]) for r in rows.metrics} == {("a", 1, 1.0), ("b", 1, 2.0),
-                                                                         ("time/epoch", 1, 3.0)}
+    assert [(r["kind"], r["step"], r["values"]) for r in rows.metric_events] == [
+        ("epoch", 1, {"a": 1.0, "b": 2.0, "time/epoch": 3.0})]
     assert [r["line_no"] for r in rows.logs] == [0, 1]
     assert rows.status_events[0]["status"] == "running"
+
+
+def test_non_finite_metric_values_become_json_strings():
+    rows = to_rows([ev(MetricsLogged(step=3, metrics={"a": float("nan"), "b": float("inf"), "c": -float("inf"),
+                                                     "d": 0.5}))])
+    assert rows.metric_events[0]["values"] == {"a": "NaN", "b": "Infinity", "c": "-Infinity", "d": 0.5}
+    assert (rows.metric_events[0]["kind"], rows.metric_events[0]["step"]) == ("metrics", 3)
 
 
 def test_status_projection_lifecycle():

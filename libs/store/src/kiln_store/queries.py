@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import bindparam, case, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .schema import artifacts, job_status, jobs, logs, metrics, status_events
+from .schema import artifacts, job_status, jobs, logs, metric_events, status_events
 
 _JOB_COLUMNS = (
     jobs, job_status.c.status, job_status.c.attempt.label("status_attempt"), job_status.c.reason,
@@ -51,29 +51,60 @@ async def get_metrics(
 ) -> dict[str, list[tuple[int, float | None]]]:
     """Metric series of a job: ``{key: [(step, value), ...]}`` ordered by step (latest attempt wins per step).
 
-    Rows come from the ``(job_id, key, step)`` index in key and step order, later attempts (then later times) last
-    within a step, so one pass keeps the last value of each step: no dict per series and no sort in Python
-    (100,000 steps of one key in about 0.3 s on PostgreSQL here, most of it row handling).
+    ``metric_events`` holds one row per event with its points as JSON; the database expands them (``jsonb_each_text``
+    / ``json_each``; on PostgreSQL a ``->>`` lookup per wanted key), keeping only the wanted keys.  Rows come from
+    the ``(job_id, step)`` index in step order and one pass keeps, per key and step, the value of the latest attempt
+    (then the latest time).  Non-finite values are stored as the strings "NaN" / "Infinity" / "-Infinity" and come
+    back as floats.  100,000 steps of one key: about 0.3 s on SQLite and on PostgreSQL here.
     """
-    stmt = select(metrics.c.key, metrics.c.step, metrics.c.value).where(metrics.c.job_id == job_id)
-    if keys:
-        stmt = stmt.where(metrics.c.key.in_(keys))
+    pg = conn.dialect.name == "postgresql"
+    params: dict[str, Any] = {"job_id": job_id}
+    where = ["m.job_id = :job_id"]
+    if pg and keys:  # a lookup per wanted key: cheaper than expanding every key of every row
+        expand, key, value = "unnest(CAST(:keys AS text[])) AS p(key)", "p.key", '(m."values" ->> p.key)::float8'
+        where.append('m."values" ? p.key')
+        params["keys"] = list(keys)
+    elif pg:
+        expand, key, value = 'jsonb_each_text(m."values") AS p', "p.key", "p.value::float8"
+    else:
+        expand, key, value = 'json_each(m."values") AS p', "p.key", "p.value"
+        if keys:
+            where.append("p.key IN :keys")
+            params["keys"] = list(keys)
     if kind:
-        stmt = stmt.where(metrics.c.kind == kind)
-    stmt = stmt.order_by(metrics.c.key, metrics.c.step, metrics.c.attempt, metrics.c.time)
+        where.append("m.kind = :kind")
+        params["kind"] = kind
+    if pg:  # PostgreSQL sorts each step's rows by attempt and time cheaply: the last row of a step wins
+        order, extra = "m.step, m.attempt, m.time", ""
+    else:  # SQLite's sort of each step's rows cost about half the query: the rare repeated step is settled below
+        order, extra = "m.step", ", m.attempt, m.time"
+    stmt = text(
+        f"SELECT {key}, m.step, {value}{extra} FROM {metric_events.name} AS m CROSS JOIN {expand} "
+        f"WHERE {' AND '.join(where)} ORDER BY {order}"
+    )
+    if keys and not pg:
+        stmt = stmt.bindparams(bindparam("keys", expanding=True))
+    if pg:  # JIT compiling costs more than it saves on this scan (a long series: 130 instead of 185 ms)
+        await conn.execute(text("SET LOCAL jit = off"))
     series: dict[str, list[tuple[int, float | None]]] = {}
-    points: list[tuple[int, float | None]] = []
-    last_key: str | None = None
-    last_step: int | None = None
-    for key, step, value in await conn.execute(stmt):
-        if key != last_key:
-            points = series[key] = []
-            last_key, last_step = key, None
-        if step == last_step:
-            points[-1] = (step, value)
+    last: dict[str, Any] = {}  # SQLite: key -> the row of its last point
+    for row in await conn.execute(stmt, params):
+        key, step, val = row[0], row[1], row[2]
+        if val.__class__ is not float and val is not None:  # SQLite: integers, non-finite values' strings
+            val = float(val)
+        points = series.get(key)
+        if points is None:
+            series[key] = [(step, val)]
+        elif points[-1][0] != step:
+            points.append((step, val))
+        elif pg:  # the same step again, from a later attempt (or time)
+            points[-1] = (step, val)
+        elif (row[3], row[4]) >= (last[key][3], last[key][4]):
+            points[-1] = (step, val)
         else:
-            points.append((step, value))
-            last_step = step
+            continue
+        if not pg:
+            last[key] = row
     return series
 
 

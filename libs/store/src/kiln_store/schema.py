@@ -2,7 +2,8 @@
 
 Ownership (each table has one writer):
 - ``jobs``: the API (job specs, submissions, re-runs).
-- ``job_status``, ``status_events``, ``metrics``, ``logs``, ``artifacts``: the metrics-writer (projections of events).
+- ``job_status``, ``status_events``, ``metric_events``, ``logs``, ``artifacts``: the metrics-writer (projections of
+  events).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from sqlalchemy import (
-    JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text, TypeDecorator,
+    JSON, BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table, Text, TypeDecorator,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -77,17 +79,19 @@ status_events = Table(
     Index("ix_status_events_job", "job_id", "time"),
 )
 
-metrics = Table(
-    "metrics", metadata,
+metric_events = Table(
+    # One row per EpochCompleted / MetricsLogged event, its points in ``values`` ({key: number}); non-finite values
+    # are the strings "NaN", "Infinity", "-Infinity" (JSON has no such numbers).  One row per point cost PostgreSQL
+    # 20-25 us per point in index upkeep (docs/performance.md, "Metrics writer").
+    "metric_events", metadata,
     Column("event_id", String(128), primary_key=True),
-    Column("key", String(200), primary_key=True),
     Column("job_id", String(64), nullable=False),
     Column("attempt", Integer, nullable=False),
     Column("kind", String(16), nullable=False),  # "epoch" or "metrics"
     Column("step", BigInteger, nullable=False),
-    Column("value", Float, nullable=True),
     Column("time", UTCDateTime(), nullable=False),
-    Index("ix_metrics_job_key_step", "job_id", "key", "step"),
+    Column("values", JSON().with_variant(JSONB(), "postgresql"), nullable=False),
+    Index("ix_metric_events_job_step", "job_id", "step"),
 )
 
 logs = Table(

@@ -1,9 +1,9 @@
 """Decoding of message payloads: a fast path for the hot kind (``metrics``), the full Event model for the rest.
 
 ``MetricsLogged`` events are most of the volume.  For them only the envelope fields the writer stores are validated
-(about half the cost of ``Event.model_validate_json``), and the raw JSON is kept so that PostgreSQL expands the
-metrics itself (one staging row per event instead of one per point).  Anything the fast model refuses goes through
-the full ``Event`` model, so both paths accept the same events.
+(about half the cost of ``Event.model_validate_json``), and the raw JSON is kept so that PostgreSQL takes the
+metrics from it itself (one staging row per event, no values encoded in Python).  Anything the fast model refuses
+goes through the full ``Event`` model, so both paths accept the same events.
 
 Everything accepted here also fits the SQL columns (lengths, integer ranges, no NUL characters, finite values on
 the fast path), so one bad event cannot make a whole batch fail in the database over and over.
@@ -29,7 +29,9 @@ class _Data(BaseModel):
 
     kind: Literal["metrics"]
     step: int = Field(..., ge=0, le=INT64)
-    metrics: dict[_Key, Annotated[float, Field(allow_inf_nan=False)]]
+    # strict: JSON numbers only, as PostgreSQL stores the raw JSON; a number in a string ("3.25") takes the full
+    # model, which stores the parsed float.
+    metrics: dict[_Key, Annotated[float, Field(allow_inf_nan=False, strict=True)]]
 
 
 class _MetricsEnvelope(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,7 @@ from .decode import Decoded, Points
 class Rows:
     """Rows to insert (idempotent on their primary keys) and the job-status projection to upsert."""
 
-    metrics: list[dict[str, Any]] = field(default_factory=list)
+    metric_events: list[dict[str, Any]] = field(default_factory=list)
     logs: list[dict[str, Any]] = field(default_factory=list)
     status_events: list[dict[str, Any]] = field(default_factory=list)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
@@ -26,16 +27,26 @@ class Rows:
 
     @property
     def count(self) -> int:
-        return len(self.metrics) + len(self.logs) + len(self.status_events) + len(self.artifacts)
+        return len(self.metric_events) + len(self.logs) + len(self.status_events) + len(self.artifacts)
+
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def json_values(values: dict[str, float]) -> dict[str, float | str]:
+    """Metric values as JSON can hold them: NaN and the infinities as the strings "NaN", "Infinity", "-Infinity"
+    (what PostgreSQL makes of a float8 NaN in JSON, and what it casts back to float8; the readers do the same)."""
+    if all(math.isfinite(v) for v in values.values()):
+        return values
+    return {k: v if math.isfinite(v) else _NON_FINITE[repr(v)] for k, v in values.items()}
 
 
 def to_rows(events: list[Decoded]) -> Rows:
     rows = Rows()
     for ev in events:
         if isinstance(ev, Points):
-            base = {"event_id": ev.id, "job_id": ev.job_id, "attempt": ev.attempt, "time": ev.time}
-            rows.metrics += [{**base, "key": k, "kind": "metrics", "step": ev.step, "value": v}
-                             for k, v in ev.metrics.items()]
+            rows.metric_events.append({"event_id": ev.id, "job_id": ev.job_id, "attempt": ev.attempt,
+                                       "kind": "metrics", "step": ev.step, "time": ev.time, "values": ev.metrics})
             continue
         d = ev.data
         base = {"event_id": ev.id, "job_id": ev.job_id, "attempt": ev.attempt, "time": ev.time}
@@ -43,10 +54,10 @@ def to_rows(events: list[Decoded]) -> Rows:
             vals = dict(d.metrics)
             if d.epoch_time is not None:
                 vals.setdefault("time/epoch", d.epoch_time)
-            rows.metrics += [{**base, "key": k, "kind": "epoch", "step": d.epoch, "value": v} for k, v in vals.items()]
+            rows.metric_events.append({**base, "kind": "epoch", "step": d.epoch, "values": json_values(vals)})
             rows.touched_jobs.add(ev.job_id)
         elif isinstance(d, MetricsLogged):
-            rows.metrics += [{**base, "key": k, "kind": "metrics", "step": d.step, "value": v} for k, v in d.metrics.items()]
+            rows.metric_events.append({**base, "kind": "metrics", "step": d.step, "values": json_values(d.metrics)})
         elif isinstance(d, LogBatch):
             rows.logs += [
                 {**base, "line_no": i, "stream": ln.stream, "text": ln.text, "time": ln.t} for i, ln in enumerate(d.lines)

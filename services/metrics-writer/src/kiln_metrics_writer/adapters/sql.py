@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kiln_contracts import Event
-from kiln_store import artifacts, job_status, logs, metrics, status_events
+from kiln_store import artifacts, job_status, logs, metric_events, status_events
 
 from ..decode import Decoded, Points
 from ..domain import Rows, project_status, to_rows
@@ -20,14 +20,18 @@ from ..domain import Rows, project_status, to_rows
 _CHUNK = {"sqlite": 5000, "postgresql": 5000}
 _POINTS_STAGE = "kiln_stage_points"
 _POINTS_COLUMNS = ["event_id", "job_id", "attempt", "time", "step", "raw"]
-# One staging row per MetricsLogged event; PostgreSQL expands data.metrics from the raw JSON itself, which costs
-# far less than encoding one row per point in Python.
+# One staging row per MetricsLogged event; PostgreSQL takes data.metrics from the raw JSON itself (one metric_events
+# row per event, its points as jsonb), which costs far less than encoding the values in Python.
 _POINTS_INSERT = f"""
-INSERT INTO metrics (event_id, key, job_id, attempt, kind, step, value, time)
-SELECT s.event_id, m.key, s.job_id, s.attempt, 'metrics', s.step, m.value::float8, s.time
-FROM {_POINTS_STAGE} s CROSS JOIN LATERAL jsonb_each_text(convert_from(s.raw, 'UTF8')::jsonb -> 'data' -> 'metrics') m
+INSERT INTO metric_events (event_id, job_id, attempt, kind, step, time, "values")
+SELECT s.event_id, s.job_id, s.attempt, 'metrics', s.step, s.time,
+       convert_from(s.raw, 'UTF8')::jsonb -> 'data' -> 'metrics'
+FROM {_POINTS_STAGE} s
 ON CONFLICT DO NOTHING
 """
+# Tables written by COPY + INSERT .. SELECT when a batch has enough rows.  metric_events is not: its rows that come
+# from Python (epochs, events with non-finite values) are few, and executemany encodes their JSON.
+_COPIED = (logs, status_events, artifacts)
 _staged: weakref.WeakSet[Any] = weakref.WeakSet()  # asyncpg connections whose temp staging tables exist
 
 
@@ -50,7 +54,7 @@ async def _asyncpg(conn: AsyncConnection) -> Any:
     apg = (await conn.get_raw_connection()).driver_connection
     if apg not in _staged:
         # Temp tables live as long as the session; ON COMMIT DELETE ROWS empties them at each commit.
-        for table in (metrics, logs, status_events, artifacts):
+        for table in _COPIED:
             await apg.execute(f"CREATE TEMP TABLE IF NOT EXISTS kiln_stage_{table.name} (LIKE {table.name}) "
                               "ON COMMIT DELETE ROWS")
         await apg.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_POINTS_STAGE} (event_id text, job_id text, "
@@ -73,7 +77,7 @@ async def _copy_pg(apg: Any, table: Table, rows: list[dict[str, Any]]) -> None:
 
 async def _bulk(conn: AsyncConnection, table: Table, rows: list[dict[str, Any]]) -> None:
     dialect = conn.dialect.name
-    if dialect == "postgresql" and conn.engine.driver == "asyncpg" and len(rows) >= 50:
+    if dialect == "postgresql" and conn.engine.driver == "asyncpg" and len(rows) >= 50 and table in _COPIED:
         await _copy_pg(await _asyncpg(conn), table, rows)
         return
     stmt = _insert_ignore(dialect, table)
@@ -106,7 +110,7 @@ async def _write(engine: AsyncEngine, points: list[Points], events: list[Decoded
                 records=[(p.id, p.job_id, p.attempt, p.time, p.step, p.raw) for p in points],
             )
             await apg.execute(_POINTS_INSERT)
-        for table, data in ((metrics, rows.metrics), (logs, rows.logs), (status_events, rows.status_events),
+        for table, data in ((metric_events, rows.metric_events), (logs, rows.logs), (status_events, rows.status_events),
                             (artifacts, rows.artifacts)):
             if data:
                 await _bulk(conn, table, data)
