@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ from kiln_clearml_forwarder.main import run
 from kiln_clearml_forwarder.settings import Settings
 from kiln_contracts import Event, LogBatch, LogLine, streams
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_clearml_support import ClearMLStub, clearml_env, drained, job_events, publish, task_record, wait_for
+from kiln_testing.clearml_stub import ClearMLStub, clearml_env, drained, job_events, publish, task_record, wait_for
 
 # ClearML's bundled pyhocon uses pyparsing names deprecated in pyparsing 3.3
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import nats
@@ -18,8 +16,7 @@ from kiln_clearml_forwarder.main import run
 from kiln_clearml_forwarder.settings import Settings
 from kiln_contracts import streams, subjects
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_clearml_support import (
+from kiln_testing.clearml_stub import (
     ClearMLStub, clearml_env, drained, job_events, publish, task_record, wait_for,
 )
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
 import websockets
 from kiln_contracts import Heartbeat, subjects
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_notifier_support import (  # noqa: E402
+from kiln_testing.notifier import (  # noqa: E402
     Publisher,
     connect_js,
     events,

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 from kiln_contracts import MetricsLogged, subjects
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_notifier_support import (  # noqa: E402
+from kiln_testing.notifier import (  # noqa: E402
     Publisher,
     connect_js,
     expect,

@@ -5,16 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_notifier_support import (  # noqa: E402
+from kiln_testing.notifier import (  # noqa: E402
     Publisher,
     connect_js,
     events,

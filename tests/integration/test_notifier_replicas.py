@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 from kiln_contracts import MetricsLogged
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_notifier_support import Publisher, connect_js, expect, new_job, running_notifier, ws_connect  # noqa: E402
+from kiln_testing.notifier import Publisher, connect_js, expect, new_job, running_notifier, ws_connect  # noqa: E402
 
 
 async def _read(ws: Any, got: list[dict[str, Any]], cursor: dict[str, int], until: int) -> None:

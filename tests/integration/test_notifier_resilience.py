@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_notifier_support import (  # noqa: E402
+from kiln_testing.notifier import (  # noqa: E402
     Publisher,
     connect_js,
     events,
