@@ -4,13 +4,12 @@ ones keep receiving everything, promptly."""
 import asyncio
 import contextlib
 import json
-import socket
 import time
 
 import pytest
 import websockets
 
-from kiln_testing.notifier import Publisher, connect_js, expect, ids, new_job, running_notifier, ws_connect
+from kiln_testing.notifier import Publisher, small_window_socket, connect_js, expect, ids, new_job, running_notifier, ws_connect
 
 
 @pytest.fixture()
@@ -18,15 +17,6 @@ async def js(nats_url: str):
     nc, js = await connect_js(nats_url)
     yield js
     await nc.close()
-
-
-def small_window_socket(address: str) -> socket.socket:
-    host, port = address.split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((host, int(port)))
-    sock.setblocking(False)
-    return sock
 
 
 async def test_one_stalled_client_never_slows_100_live_ones(nats_url: str, js) -> None:
@@ -61,7 +51,8 @@ async def test_one_stalled_client_never_slows_100_live_ones(nats_url: str, js) -
             lag = time.monotonic() - done_at
         want = [e.id for e in published]
         assert all(ids(got) == want for got in received), "a live client missed or reordered events"
-        assert lag < 5.0, f"live clients finished {lag:.2f}s after the last publish"
+        # A relay blocked by the stalled socket would hold them until its 30 s close timeout, or forever.
+        assert lag < 10.0, f"live clients finished {lag:.2f}s after the last publish"
 
         with pytest.raises(websockets.ConnectionClosed) as closed:
             while True:

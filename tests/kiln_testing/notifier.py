@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import os
 import threading
 import time
@@ -114,3 +115,13 @@ async def silence(ws: Any, wait: float = 0.5) -> None:
 
 def ids(messages: list[dict[str, Any]]) -> list[str]:
     return [m["event"]["id"] for m in messages]
+
+
+def small_window_socket(address: str) -> socket.socket:
+    """A connected socket with a tiny receive buffer: a client that stops reading then stalls the server sooner."""
+    host, port = address.split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    return sock
