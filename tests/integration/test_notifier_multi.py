@@ -88,14 +88,16 @@ async def test_stalled_client_is_cut_off_and_resumes_without_loss(nats_url: str,
     job_id, project = new_job()
     pub = Publisher(js, job_id, project)
     path = f"/api/v1/ws/jobs/{job_id}"
-    total = 100
-    with running_notifier(nats_url, client_queue=4, close_timeout_s=30) as address:
+    total = 150
+    # A queue of 16 lets the healthy client ride out a busy machine; 150 x 64 KB (~9.6 MB) still exceeds what the
+    # stalled one can absorb (~3 MB of kernel buffers + 16 queued messages), so it must overflow.
+    with running_notifier(nats_url, client_queue=16, close_timeout_s=30) as address:
         stalled = await ws_connect(address, path, sock=small_window_socket(address), max_queue=1)
         async with ws_connect(address, path) as healthy:
             await expect(healthy, "subscribed")
             reader = asyncio.create_task(events(healthy, total, timeout=30))
             published = []
-            # ~64 KB each, ~6 MB in all: more than the kernel buffers a non-reading peer still absorbs (~3 MB
+            # ~64 KB each, ~9.6 MB in all: more than the kernel buffers a non-reading peer still absorbs (~3 MB
             # on loopback, where the send buffer autotunes to 4 MB), so the server's sender really blocks.
             for _ in range(total):
                 published.append(await pub.noisy_logs(64_000))
