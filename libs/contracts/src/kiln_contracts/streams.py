@@ -84,20 +84,25 @@ class Durable:
     config: api.ConsumerConfig
 
 
-def writer_consumers(name: str = "metrics-writer") -> tuple[Durable, Durable]:
-    """Durable pull consumers of the metrics-writer: one on events, one on logs."""
+def event_and_log_consumers(name: str, *, ack_wait: float, max_ack_pending: int) -> tuple[Durable, Durable]:
+    """A pair of durable pull consumers, ``<name>-events`` on KILN_EVENTS and ``<name>-logs`` on KILN_LOGS."""
 
     def cfg(durable: str, subject: str) -> api.ConsumerConfig:
         return api.ConsumerConfig(
             durable_name=durable, name=durable, filter_subject=subject,
             ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL,
-            ack_wait=30.0, max_deliver=50, max_ack_pending=20_000,
+            ack_wait=ack_wait, max_deliver=50, max_ack_pending=max_ack_pending,
         )
 
     return (
         Durable(EVENTS.name or "", cfg(f"{name}-events", subjects.EVENTS_ALL)),
         Durable(LOGS.name or "", cfg(f"{name}-logs", subjects.LOGS_ALL)),
     )
+
+
+def writer_consumers(name: str = "metrics-writer") -> tuple[Durable, Durable]:
+    """Durable pull consumers of the metrics-writer: one on events, one on logs."""
+    return event_and_log_consumers(name, ack_wait=30.0, max_ack_pending=20_000)
 
 
 def forwarder_consumers(name: str = "clearml-forwarder") -> tuple[Durable, Durable]:
@@ -106,18 +111,7 @@ def forwarder_consumers(name: str = "clearml-forwarder") -> tuple[Durable, Durab
     Unlike the writer's, these are held for a while: the forwarder keeps a job's messages (with in-progress acks)
     while ClearML is slow or down, so fewer may be pending; JetStream keeps the rest until it catches up.
     """
-
-    def cfg(durable: str, subject: str) -> api.ConsumerConfig:
-        return api.ConsumerConfig(
-            durable_name=durable, name=durable, filter_subject=subject,
-            ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL,
-            ack_wait=60.0, max_deliver=50, max_ack_pending=2_000,
-        )
-
-    return (
-        Durable(EVENTS.name or "", cfg(f"{name}-events", subjects.EVENTS_ALL)),
-        Durable(LOGS.name or "", cfg(f"{name}-logs", subjects.LOGS_ALL)),
-    )
+    return event_and_log_consumers(name, ack_wait=60.0, max_ack_pending=2_000)
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
