@@ -81,6 +81,9 @@ async def test_server_restart_while_publishing_loses_and_duplicates_nothing(nats
         if i == 300:
             nats_server.stop()
         if i == 600:
+            deadline = time.monotonic() + 15  # a loaded machine may take a while to see the dead connection
+            while not reporter.stats["spooled"] and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert reporter.stats["spooled"] > 0  # the outage went to disk
             nats_server.start()
         run.log_metrics(i, {"loss": float(i)})
@@ -166,14 +169,18 @@ async def test_trainer_process_flushes_on_sigterm_and_on_exception(nats_url: str
     await ensure(nats_url)
     job = f"sdk-{how}-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "KILN_JOB_ID": job, "KILN_PROJECT": PROJECT, "KILN_ATTEMPT": "1",
-           "KILN_NATS_URL": nats_url, "KILN_JOB_DIR": str(tmp_path)}
+           "KILN_NATS_URL": nats_url, "KILN_JOB_DIR": str(tmp_path), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, how], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         if how != "raise":
             proc.send_signal(signal.SIGTERM)
-        code = proc.wait(20)
+        try:
+            code = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # the fault handler prints every thread's stack
+            pytest.fail(f"the trainer did not exit; its threads:\n{proc.communicate(timeout=10)[1][-6000:]}")
     finally:
         proc.kill()
     assert code == {"sigterm": -signal.SIGTERM, "chain": 7, "raise": 1}[how]

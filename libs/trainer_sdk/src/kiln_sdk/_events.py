@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import signal
 import sys
 import threading
 from collections.abc import Iterable, Mapping
@@ -54,6 +55,29 @@ def warn_once(key: str, message: str) -> None:
         print(f"kiln_sdk: {message}", file=sys.stderr, flush=True)
     except Exception:  # noqa: BLE001 - stderr may be closed at exit
         pass
+
+
+_PROCESS_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def start_thread(thread: threading.Thread) -> None:
+    """Start an SDK background thread that never takes SIGTERM/SIGINT/SIGHUP.
+
+    The kernel hands a process-directed signal to any thread that does not block it.  When that is one of ours, the
+    C-level handler only flags it for the main thread, and a main thread blocked in ``time.sleep`` or a queue wait does
+    not wake up to run the Python handler: the SDK's flush-on-SIGTERM (and the script's own handler) would wait until
+    the main thread next runs bytecode.  The mask is set around ``start()`` so the new thread has it from its first
+    instruction (set inside the thread, a signal could land before the thread first ran).
+    """
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _PROCESS_SIGNALS)
+    except (AttributeError, OSError, ValueError):  # not POSIX
+        thread.start()
+        return
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ._events import Record, warn_once
+from ._events import Record, start_thread, warn_once
 from .context import JobContext
 
 CHUNK = 1 << 20
@@ -207,7 +207,7 @@ class ArtifactWorker:
             self._pending[p] = _Request(p, name or p.name, epoch, version)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._main, name="kiln-sdk-artifacts", daemon=True)
-                self._thread.start()
+                start_thread(self._thread)
             self._cv.notify()
 
     def wait(self, timeout: float) -> bool:

@@ -18,7 +18,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from ._events import EventFactory, Record, warn_once
+from ._events import EventFactory, Record, start_thread, warn_once
 from ._queue import Marker, RecordQueue
 from .reporters import Reporter
 from ._acks import AckPublisher, InflightBatch
@@ -99,7 +99,7 @@ class NatsReporter(Reporter):
         """Start the publisher thread (idempotent)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._thread_main, name="kiln-sdk-publisher", daemon=True)
-            self._thread.start()
+            start_thread(self._thread)
 
     def submit(self, record: Record) -> None:
         if self._closed:

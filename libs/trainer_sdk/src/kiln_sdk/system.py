@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._events import Record, warn_once
+from ._events import Record, start_thread, warn_once
 
 GB = 1024**3
 OWNER_ENV = "KILN_SYSTEM_METRICS_OWNER"
@@ -134,7 +134,7 @@ class SystemMonitor:
 
     def start(self) -> "SystemMonitor":
         os.environ[OWNER_ENV] = str(os.getpid())  # inherited by child processes: they leave it to us
-        self._thread.start()
+        start_thread(self._thread)
         return self
 
     def stop(self, timeout: float = 2.0) -> None:
