@@ -1,7 +1,7 @@
 """What the trainer SDK costs a training loop, and how much it can carry.
 
     .venv/bin/python bench/bench_sdk.py [latency] [throughput] [yolo] [--calls 100000] [--events 100000]
-        [--repeat 3] [--pairs 4] [--epochs 3]
+        [--repeat 3] [--pairs 6] [--epochs 8] [--imgsz 96] [--images 64]
 
 1. ``latency``: the cost of one ``run.log_metrics(step, <10 metrics>)`` on the calling (training) thread, with the
    real :class:`kiln_sdk.NatsReporter` connected to a real nats-server started here, measured per call with
@@ -12,9 +12,11 @@
    as the SDK keeps up (backing off only when the queue is 90% full, so nothing coalesces), the count is the
    stream's message count on the server; each round also measures nats-py alone (``publish_async`` of events
    serialized beforehand) as the baseline of that moment.
-3. ``yolo``: a real tiny YOLO training (detection, CPU) with the Kiln integration on (publishing to the server)
-   and off, same seed, alternated on/off ``pairs`` times, each in a fresh process; reports the ratio of the
-   ``model.train()`` wall and CPU times, and the time spent inside Kiln's callbacks on the training thread.
+3. ``yolo``: a real tiny YOLO training (detection, CPU, about 12 s) with the Kiln integration on (callbacks and a
+   ``NatsReporter`` publishing to the server, default settings) and off, same seed, alternated on/off ``pairs``
+   times in one process after a warm-up training (separate processes add their own +-10% to each run); reports
+   the ratio of the ``model.train()`` wall and CPU times (per pair, median, geometric mean with a 95% bootstrap
+   interval, best-of-N), and the time spent inside Kiln's callbacks on the training thread.
 """
 
 from __future__ import annotations
@@ -183,88 +185,125 @@ def bench_throughput(url: str, tmp: Path, events: int, repeat: int) -> float:
 YOLO_CHILD = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    job = Path(sys.argv[1]); data = sys.argv[2]; kiln = sys.argv[3] == "on"; epochs = int(sys.argv[4])
+    job = Path(sys.argv[1]); data = sys.argv[2]; pairs = int(sys.argv[3]); epochs = int(sys.argv[4])
+    imgsz = int(sys.argv[5])
     os.environ.update(YOLO_OFFLINE="1", YOLO_AUTOINSTALL="0", YOLO_CONFIG_DIR=str(job / "yolo-config"))
     os.environ.pop("PYTEST_CURRENT_TEST", None)
     from kiln_trainer_ultralytics import environment
     environment.prepare(job)
     from ultralytics import YOLO
     environment.switch_off_integrations()
-    model = YOLO("yolov8n.yaml")
-    spent = [0.0]
-    per: dict = {}
-    if kiln:
-        import kiln_sdk
-        from kiln_sdk.integrations import ultralytics as kiln_ul
-        run = kiln_sdk.init()
+    import kiln_sdk
+    from kiln_sdk.integrations import ultralytics as kiln_ul
 
-        def timed(fn):
-            def hook(trainer):
-                t = time.perf_counter()
+    def kiln_threads_cpu():
+        import threading
+        tick, out = os.sysconf("SC_CLK_TCK"), {}
+        for t in threading.enumerate():
+            if t.name.startswith("kiln-sdk-"):
                 try:
-                    fn(trainer)
-                finally:
-                    dt = time.perf_counter() - t
-                    spent[0] += dt
-                    per[fn.__name__] = per.get(fn.__name__, 0.0) + dt
-            return hook
+                    f = open(f"/proc/self/task/{t.native_id}/stat").read().rsplit(")", 1)[1].split()
+                    out[t.name[9:]] = (int(f[11]) + int(f[12])) / tick
+                except OSError:
+                    pass
+        return out
 
-        for event, fn in kiln_ul.callbacks.items():
-            model.add_callback(event, timed(fn))
-    t0, c0 = time.perf_counter(), time.process_time()
-    model.train(data=data, epochs=epochs, imgsz=64, batch=8, nbs=8, warmup_epochs=0, workers=0, plots=False,
-                seed=0, deterministic=True, device="cpu", project=str(job), name="train", exist_ok=True,
-                verbose=False, val=True)
-    t_train, cpu = time.perf_counter() - t0, time.process_time() - c0  # cpu: every thread of the process
-    ok = run.finish(timeout=30) if kiln else True
-    stats = run.reporter.stats if kiln else {}
-    print(json.dumps({"train_s": t_train, "cpu_s": cpu, "acked": ok, "delivered": stats.get("delivered", 0),
-                      "in_callbacks_s": spent[0], "per_callback_s": per}))
+    def train(kiln, name):
+        model = YOLO("yolov8n.yaml")
+        spent = [0.0]
+        run = None
+        if kiln:
+            run = kiln_sdk.init()  # a new run (and publisher) each time: the previous one finished
+
+            def timed(fn):
+                def hook(trainer):
+                    t = time.perf_counter()
+                    try:
+                        fn(trainer)
+                    finally:
+                        spent[0] += time.perf_counter() - t
+                return hook
+
+            for event, fn in kiln_ul.callbacks.items():
+                model.add_callback(event, timed(fn))
+        t0, c0 = time.perf_counter(), time.process_time()
+        model.train(data=data, epochs=epochs, imgsz=imgsz, batch=8, nbs=8, warmup_epochs=0, workers=0,
+                    plots=False, seed=0, deterministic=True, device="cpu", project=str(job), name=name,
+                    exist_ok=True, verbose=False, val=True)
+        t_train, cpu = time.perf_counter() - t0, time.process_time() - c0  # cpu: every thread of the process
+        threads = kiln_threads_cpu()
+        ok = run.finish(timeout=60) if kiln else True
+        stats = run.reporter.stats if kiln else {}
+        return {"mode": "on" if kiln else "off", "train_s": t_train, "cpu_s": cpu, "acked": ok,
+                "delivered": stats.get("delivered", 0), "in_callbacks_s": spent[0], "threads_cpu_s": threads}
+
+    train(False, "warmup")  # label caches, page cache, torch's first-call costs
+    for p in range(pairs):
+        for kiln in ((True, False) if p % 2 == 0 else (False, True)):  # alternate which goes first
+            print(json.dumps(train(kiln, f"p{p}-{int(kiln)}")), flush=True)
 """)
 
 
-def _train_once(url: str, tmp: Path, data: Path, name: str, mode: str, epochs: int) -> dict:
-    job = tmp / f"yolo-{name}-{mode}"
-    job.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "KILN_JOB_ID": f"bench-yolo-{name}-{mode}",
-           "KILN_PROJECT": "bench", "KILN_NATS_URL": url, "KILN_JOB_DIR": str(job)}
-    out = subprocess.run([sys.executable, "-c", YOLO_CHILD, str(job), str(data), mode, str(epochs)],
-                         env=env, capture_output=True, text=True, timeout=900, cwd=job)
-    if out.returncode != 0:
-        raise SystemExit(f"training failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _ms(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in cpu.items()) or "-"
 
 
-def bench_yolo(url: str, tmp: Path, pairs: int, epochs: int) -> float:
+def _geomean_ci(ratios: list[float], rounds: int = 10_000) -> tuple[float, float, float]:
+    """Geometric mean of per-pair ratios and its 95% percentile-bootstrap interval (seeded: reproducible)."""
+    import math
+    import random
+
+    logs = [math.log(r) for r in ratios]
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(rounds))
+    return (math.exp(statistics.fmean(logs)), math.exp(means[int(0.025 * rounds)]),
+            math.exp(means[int(0.975 * rounds) - 1]))
+
+
+def bench_yolo(url: str, tmp: Path, pairs: int, epochs: int, imgsz: int, images: int) -> float:
     from kiln_local.synth import make_detection_dataset
 
-    print(f"3. tiny YOLO training (yolov8n, imgsz 64, 32+8 images, {epochs} epochs, CPU, seed 0), "
-          f"integration on vs off, {pairs} pairs after one warm-up run")
-    data = make_detection_dataset(tmp / "data", n_train=32, n_val=8, imgsz=64)
-    _train_once(url, tmp, data, "warmup", "off", 1)  # writes the label caches, warms the page cache
+    print(f"3. tiny YOLO training (yolov8n from YAML, imgsz {imgsz}, {images}+8 synthetic images, {epochs} epochs, "
+          f"batch 8, CPU, seed 0), integration on vs off alternated in one process, {pairs} pairs after a warm-up")
+    data = make_detection_dataset(tmp / "data", n_train=images, n_val=8, imgsz=imgsz)
+    job = tmp / "yolo"
+    job.mkdir()
+    env = {**os.environ, "KILN_JOB_ID": "bench-yolo", "KILN_PROJECT": "bench", "KILN_NATS_URL": url,
+           "KILN_JOB_DIR": str(job)}
+    proc = subprocess.Popen([sys.executable, "-c", YOLO_CHILD, str(job), str(data), str(pairs), str(epochs),
+                             str(imgsz)], env=env, stdout=subprocess.PIPE, stderr=(job / "stderr.log").open("w"),
+                            text=True, cwd=job)
     res: dict[str, list[dict]] = {"on": [], "off": []}
-    wall, cpu = [], []
-    for p in range(pairs):
-        order = ("on", "off") if p % 2 == 0 else ("off", "on")  # alternate which goes first
-        pair = {}
-        for mode in order:
-            r = pair[mode] = _train_once(url, tmp, data, str(p), mode, epochs)
-            res[mode].append(r)
-            extra = (f", {r['in_callbacks_s'] * 1000:.1f} ms in Kiln callbacks, {r['delivered']} events acked: "
-                     f"{r['acked']}") if mode == "on" else ""
-            if mode == "on" and os.environ.get("BENCH_VERBOSE"):
-                print("   ", {k: round(v * 1000, 1) for k, v in r["per_callback_s"].items()})
-            print(f"  pair {p + 1} {mode:>3}: train {r['train_s']:.2f}s wall, {r['cpu_s']:.2f}s CPU{extra}")
-        wall.append(pair["on"]["train_s"] / pair["off"]["train_s"])
-        cpu.append(pair["on"]["cpu_s"] / pair["off"]["cpu_s"])
+    wall, cpu, pair = [], [], {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if not line.startswith('{"mode"'):
+            continue  # Ultralytics' own output
+        r = json.loads(line)
+        res[r["mode"]].append(r)
+        pair[r["mode"]] = r
+        extra = (f", {r['in_callbacks_s'] * 1000:.1f} ms in Kiln callbacks, {r['delivered']} events acked: "
+                 f"{r['acked']}, CPU of Kiln threads {_ms(r['threads_cpu_s'])}") if r["mode"] == "on" else ""
+        print(f"  pair {len(wall) + 1} {r['mode']:>3}: train {r['train_s']:.2f}s wall, {r['cpu_s']:.2f}s CPU{extra}")
+        if len(pair) == 2:
+            wall.append(pair["on"]["train_s"] / pair["off"]["train_s"])
+            cpu.append(pair["on"]["cpu_s"] / pair["off"]["cpu_s"])
+            pair = {}
+    if proc.wait() != 0 or not wall:
+        raise SystemExit(f"training failed:\n{(job / 'stderr.log').read_text()[-3000:]}")
     best = {m: min(r["train_s"] for r in res[m]) for m in res}
     print(f"  wall on/off per pair: {', '.join(f'{r:.3f}' for r in wall)}; median {statistics.median(wall):.3f}; "
-          f"best-of-{pairs} on/off {best['on'] / best['off']:.3f} ({best['on']:.2f}s vs {best['off']:.2f}s)")
+          f"best-of-{len(wall)} on/off {best['on'] / best['off']:.3f} ({best['on']:.2f}s vs {best['off']:.2f}s)")
+    gm, lo, hi = _geomean_ci(wall)
+    verdict = ("too few pairs for an interval (8 or more)" if len(wall) < 8 else "met" if hi < 1.02
+               else "not met" if lo >= 1.02 else "not resolved: the interval spans 1.02")
+    print(f"  wall on/off geometric mean {gm:.3f}, 95% bootstrap interval {lo:.3f}-{hi:.3f} "
+          f"(target < 1.02: {verdict})")
     print(f"  CPU on/off per pair: {', '.join(f'{r:.3f}' for r in cpu)}; median {statistics.median(cpu):.3f}")
     share = [r["in_callbacks_s"] / r["train_s"] for r in res["on"]]
     print(f"  time inside the Kiln callbacks on the training thread: {statistics.median(share):.2%} of train() "
-          f"(median; max {max(share):.2%})")
-    return statistics.median(wall)
+          f"(median; max {max(share):.2%}); every event acked: {all(r['acked'] for r in res['on'])}")
+    return gm
 
 
 def main() -> None:
@@ -273,8 +312,10 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=100_000)
     p.add_argument("--events", type=int, default=100_000)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--imgsz", type=int, default=96)
+    p.add_argument("--images", type=int, default=64)
     a = p.parse_args()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -288,7 +329,7 @@ def main() -> None:
             if "throughput" in a.parts:
                 bench_throughput(server.url, tmp, a.events, a.repeat)
             if "yolo" in a.parts:
-                bench_yolo(server.url, tmp, a.pairs, a.epochs)
+                bench_yolo(server.url, tmp, a.pairs, a.epochs, a.imgsz, a.images)
         finally:
             server.stop()
     print(f"load average at the end {os.getloadavg()[0]:.2f}")

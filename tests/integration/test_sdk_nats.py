@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from kiln_contracts import Event, streams, subjects
 
 from kiln_sdk import JobContext, NatsReporter, Run
+from kiln_sdk import nats_reporter
 from kiln_sdk.spool import replay
 
 PROJECT = "sdktest"
@@ -221,3 +223,22 @@ async def test_pipelined_window_keeps_order_across_many_batches(nats_url: str, t
     assert run.finish(timeout=60), run.reporter.stats
     got = await fetch(nats_url, subjects.job_events(run.job_id or ""))
     assert [e.seq for _, e in got] == list(range(1, 5001 - run.reporter.stats["coalesced"]))  # type: ignore[attr-defined]
+
+
+async def test_an_idle_publisher_backs_off_and_the_next_metric_still_goes_out_at_once(
+        nats_url: str, tmp_path: Path, monkeypatch) -> None:
+    await ensure(nats_url)
+    monkeypatch.setattr(nats_reporter, "IDLE_MAX_S", 30.0)
+    run = new_run(nats_url, tmp_path)
+    reporter = run.reporter
+    assert isinstance(reporter, NatsReporter)
+    run.log_metrics(0, {"loss": 1.0})
+    assert run.flush(10)
+    await asyncio.sleep(3.5)  # polls every 0.05, 0.1, 0.2 ... s: now in a sleep of 3.2 s
+    assert reporter._deep_sleep
+    t0 = time.monotonic()
+    run.log_metrics(1, {"loss": 0.5})  # metrics wake a publisher in a long sleep
+    while reporter.stats["delivered"] < 2 and time.monotonic() - t0 < 10:
+        await asyncio.sleep(0.01)
+    assert reporter.stats["delivered"] == 2 and time.monotonic() - t0 < 1.5
+    assert run.finish(timeout=10)

@@ -14,15 +14,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+from kiln_sdk._events import BULK_NICE
+
 SCRIPT = textwrap.dedent("""
-    import json, threading, time, kiln_sdk
+    import json, os, threading, time, kiln_sdk
     run = kiln_sdk.init()
     run.log_metrics(1, {"loss": 1.0})
     run.artifact(__import__("sys").argv[1])
     time.sleep(0.5)
-    masks = {}
+    masks, nice = {}, {"main": os.getpriority(os.PRIO_PROCESS, threading.main_thread().native_id)}
     for t in threading.enumerate():
         if t.name.startswith("kiln-sdk-"):
+            nice[t.name] = os.getpriority(os.PRIO_PROCESS, t.native_id)
             for line in open(f"/proc/self/task/{t.native_id}/status"):
                 if line.startswith("SigBlk:"):
                     masks[t.name] = int(line.split()[1], 16)
@@ -31,6 +34,7 @@ SCRIPT = textwrap.dedent("""
         if line.startswith("SigBlk:"):
             masks["main"] = int(line.split()[1], 16)
     print(json.dumps(masks), flush=True)
+    print(json.dumps(nice), flush=True)
     run.finish(timeout=1)
 """)
 
@@ -53,3 +57,17 @@ def test_sdk_threads_block_sigterm_sigint_sighup_and_the_main_thread_does_not(tm
     for name, mask in masks.items():
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             assert _blocked(mask, sig) == (name != "main"), (name, sig, hex(mask))
+
+
+def test_bulk_sdk_threads_run_at_lower_priority_and_the_publisher_does_not(tmp_path: Path) -> None:
+    weights = tmp_path / "last.pt"
+    weights.write_bytes(b"w" * 1000)
+    env = {"KILN_JOB_ID": "nice-1", "KILN_PROJECT": "p", "KILN_ATTEMPT": "1", "KILN_JOB_DIR": str(tmp_path),
+           "KILN_NATS_URL": "nats://127.0.0.1:9", "KILN_SYSTEM_METRICS_S": "0.1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(weights)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    nice = json.loads(out.stdout.splitlines()[1])
+    main = nice["main"]
+    assert nice["kiln-sdk-publisher"] == main  # live events are not delayed behind training
+    assert nice["kiln-sdk-artifacts"] == nice["kiln-sdk-system"] == max(main, BULK_NICE)

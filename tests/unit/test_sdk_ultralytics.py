@@ -131,3 +131,36 @@ def test_only_rank_zero_reports(tmp_path: Path, recorded, monkeypatch) -> None:
 def test_callbacks_dict_matches_ultralytics_hook_names() -> None:
     base = pytest.importorskip("ultralytics.utils.callbacks.base")
     assert set(kiln_ul.callbacks) <= set(base.default_callbacks)
+
+
+@pytest.mark.parametrize("interval, expected", [
+    (None, [("best.pt", 1), ("last.pt", 1), ("epoch3.pt", 3), ("last.pt", 4)]),  # default 60 s
+    ("0", [("best.pt", 1), ("last.pt", 1), ("last.pt", 2), ("epoch3.pt", 3), ("last.pt", 3), ("last.pt", 4),
+           ("last.pt", 4)]),  # every save, then the optimizer-stripped final one
+])
+def test_checkpoints_are_stored_at_most_once_per_interval_and_always_at_the_end(
+        tmp_path: Path, recorded, monkeypatch, interval: str | None, expected: list) -> None:
+    run, rec = recorded
+    if interval is None:
+        monkeypatch.delenv(kiln_ul.CHECKPOINT_INTERVAL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(kiln_ul.CHECKPOINT_INTERVAL_ENV, interval)
+    requested: list[tuple[str, int | None]] = []
+    store = run.artifact
+
+    def spy(path, name=None, epoch=None):  # noqa: ANN001
+        requested.append((name, epoch))
+        store(path, name=name, epoch=epoch)
+
+    monkeypatch.setattr(run, "artifact", spy)
+
+    def save_period(epoch: int, batch: int) -> None:
+        if (epoch, batch) == (2, 0):
+            (tmp_path / "epoch3.pt").write_bytes(b"e3")  # Ultralytics' save_period file: new, stored at once
+
+    trainer = kiln_ul.add_kiln_callbacks(FakeTrainer(tmp_path, epochs=4, nb=1))
+    trainer.train(on_batch=save_period)
+    assert requested == expected
+    assert run.flush(10)
+    stored = {(a.name, a.epoch) for a in rec.of_kind("artifact")}
+    assert ("last.pt", 4) in stored and ("best.pt", 1) in stored and ("epoch3.pt", 3) in stored

@@ -13,6 +13,7 @@ contract models.  The unit tests check that both paths write the same bytes.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import signal
 import sys
@@ -78,6 +79,22 @@ def start_thread(thread: threading.Thread) -> None:
         thread.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+BULK_NICE = 10
+"""Niceness of the SDK threads doing bulk work (hashing/copying checkpoints, sampling system metrics)."""
+
+
+def lower_this_thread_priority(nice: int = BULK_NICE) -> None:
+    """Give the calling thread a lower CPU priority (Linux: niceness is per thread), so bulk SDK work yields to
+    the training threads when the CPUs are busy and still runs at full speed when they are not."""
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere the niceness belongs to the whole process
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+    except (AttributeError, OSError):
+        pass
 
 
 def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

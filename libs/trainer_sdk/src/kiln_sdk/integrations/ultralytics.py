@@ -29,6 +29,18 @@ from ..run import Run
 PROGRESS_INTERVAL_S = 0.25
 """Minimum seconds between two progress events (and two checks of the cancel file)."""
 
+CHECKPOINT_INTERVAL_ENV = "KILN_CHECKPOINT_INTERVAL_S"
+"""Minimum seconds between two stores of the same checkpoint file while training (default 60; 0: every save).
+A new file (e.g. ``epoch10.pt``) is stored at once, and the final ``last.pt``/``best.pt`` always are."""
+
+
+def _checkpoint_interval() -> float:
+    try:
+        return max(0.0, float(os.environ.get(CHECKPOINT_INTERVAL_ENV) or 60.0))
+    except ValueError:
+        warn_once("checkpoint-interval", f"{CHECKPOINT_INTERVAL_ENV} is not a number: using 60")
+        return 60.0
+
 
 class _State:
     """What the callbacks remember about one trainer."""
@@ -40,6 +52,7 @@ class _State:
         self.epoch_t0 = time.monotonic()
         self.last_check = 0.0
         self.files: dict[Path, tuple[int, int]] = {}  # checkpoint -> (mtime_ns, size) last announced
+        self.announced_at: dict[Path, float] = {}  # checkpoint -> monotonic time it was last announced
         self.stop_logged = False
 
 
@@ -85,17 +98,30 @@ def _check_cancel(trainer: Any, st: _State, where: str) -> None:
             _run().log(f"cancel requested: stopping after this {where}, then saving")
 
 
-def _announce_checkpoints(trainer: Any, epoch: int | None) -> None:
+def _announce_checkpoints(trainer: Any, epoch: int | None, final: bool = False) -> None:
+    """Store and announce the checkpoints that changed since they were last announced.
+
+    While training, one file is stored at most every :data:`CHECKPOINT_INTERVAL_ENV` seconds: with short epochs,
+    hashing and uploading ``last.pt`` and ``best.pt`` after every epoch would compete with training for CPU, disk
+    and network.  ``final`` (the end of training, cancelled or not) stores every changed file.
+    """
     wdir = Path(getattr(trainer, "wdir", "") or "")
     if not wdir.is_dir():
         return
     st = _state(trainer)
+    now = time.monotonic()
+    interval = 0.0 if final else _checkpoint_interval()
     for path in sorted(wdir.glob("*.pt")):
         stat = path.stat()
         key = (stat.st_mtime_ns, stat.st_size)
-        if st.files.get(path) != key:  # only files that changed since they were last announced
-            st.files[path] = key
-            _run().artifact(path, name=path.name, epoch=epoch)
+        if st.files.get(path) == key:
+            continue  # unchanged since it was last announced
+        last = st.announced_at.get(path)
+        if last is not None and now - last < interval:
+            continue  # stored again at a later save, or at the end
+        st.files[path] = key
+        st.announced_at[path] = now
+        _run().artifact(path, name=path.name, epoch=epoch)
 
 
 @_guard
@@ -154,7 +180,8 @@ def on_train_batch_end(trainer: Any) -> None:
 
 @_guard
 def on_model_save(trainer: Any) -> None:
-    """Announce ``last.pt``, ``best.pt`` (and ``epochN.pt``) when they changed."""
+    """Announce ``last.pt``, ``best.pt`` (and ``epochN.pt``) when they changed (throttled, see
+    :data:`CHECKPOINT_INTERVAL_ENV`)."""
     _announce_checkpoints(trainer, trainer.epoch + 1)
 
 
@@ -185,7 +212,7 @@ def on_fit_epoch_end(trainer: Any) -> None:
 def on_train_end(trainer: Any) -> None:
     """Announce the final (optimizer-stripped) checkpoints and say how training ended."""
     st = _state(trainer)
-    _announce_checkpoints(trainer, st.last_epoch or None)
+    _announce_checkpoints(trainer, st.last_epoch or None, final=True)
     how = "cancelled" if _run().cancelled else "finished"
     _run().log(f"training {how} after {st.last_epoch} epochs; best fitness {trainer.best_fitness}")
 
