@@ -8,13 +8,15 @@ flush-on-SIGTERM handler until it woke up: the runner's cancel would wait for th
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from kiln_sdk._events import BULK_NICE
+import pytest
+
 
 SCRIPT = textwrap.dedent("""
     import json, os, threading, time, kiln_sdk
@@ -22,10 +24,10 @@ SCRIPT = textwrap.dedent("""
     run.log_metrics(1, {"loss": 1.0})
     run.artifact(__import__("sys").argv[1])
     time.sleep(0.5)
-    masks, nice = {}, {"main": os.getpriority(os.PRIO_PROCESS, threading.main_thread().native_id)}
+    masks, policy = {}, {"main": os.sched_getscheduler(threading.main_thread().native_id)}
     for t in threading.enumerate():
         if t.name.startswith("kiln-sdk-"):
-            nice[t.name] = os.getpriority(os.PRIO_PROCESS, t.native_id)
+            policy[t.name] = os.sched_getscheduler(t.native_id)
             for line in open(f"/proc/self/task/{t.native_id}/status"):
                 if line.startswith("SigBlk:"):
                     masks[t.name] = int(line.split()[1], 16)
@@ -34,7 +36,7 @@ SCRIPT = textwrap.dedent("""
         if line.startswith("SigBlk:"):
             masks["main"] = int(line.split()[1], 16)
     print(json.dumps(masks), flush=True)
-    print(json.dumps(nice), flush=True)
+    print(json.dumps(policy), flush=True)
     run.finish(timeout=1)
 """)
 
@@ -59,15 +61,19 @@ def test_sdk_threads_block_sigterm_sigint_sighup_and_the_main_thread_does_not(tm
             assert _blocked(mask, sig) == (name != "main"), (name, sig, hex(mask))
 
 
-def test_bulk_sdk_threads_run_at_lower_priority_and_the_publisher_does_not(tmp_path: Path) -> None:
+@pytest.mark.parametrize("setting", [None, "normal"])
+def test_sdk_threads_run_under_sched_idle_unless_told_otherwise(tmp_path: Path, setting: str | None) -> None:
     weights = tmp_path / "last.pt"
     weights.write_bytes(b"w" * 1000)
-    env = {"KILN_JOB_ID": "nice-1", "KILN_PROJECT": "p", "KILN_ATTEMPT": "1", "KILN_JOB_DIR": str(tmp_path),
+    env = {"KILN_JOB_ID": "idle-1", "KILN_PROJECT": "p", "KILN_ATTEMPT": "1", "KILN_JOB_DIR": str(tmp_path),
            "KILN_NATS_URL": "nats://127.0.0.1:9", "KILN_SYSTEM_METRICS_S": "0.1", "PATH": "/usr/bin:/bin"}
+    if setting is not None:
+        env["KILN_SDK_BACKGROUND_PRIORITY"] = setting
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(weights)], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    nice = json.loads(out.stdout.splitlines()[1])
-    main = nice["main"]
-    assert nice["kiln-sdk-publisher"] == main  # live events are not delayed behind training
-    assert nice["kiln-sdk-artifacts"] == nice["kiln-sdk-system"] == max(main, BULK_NICE)
+    policy = json.loads(out.stdout.splitlines()[1])
+    assert policy.pop("main") == os.SCHED_OTHER  # the training thread keeps its priority
+    assert set(policy) == {"kiln-sdk-publisher", "kiln-sdk-system", "kiln-sdk-artifacts"}
+    expected = os.SCHED_IDLE if setting is None else os.SCHED_OTHER
+    assert set(policy.values()) == {expected}, policy

@@ -81,18 +81,20 @@ def start_thread(thread: threading.Thread) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-BULK_NICE = 10
-"""Niceness of the SDK threads doing bulk work (hashing/copying checkpoints, sampling system metrics)."""
+BACKGROUND_ENV = "KILN_SDK_BACKGROUND_PRIORITY"
+"""``idle`` (default): SDK threads run under SCHED_IDLE; ``normal``: at the process's priority."""
 
 
-def lower_this_thread_priority(nice: int = BULK_NICE) -> None:
-    """Give the calling thread a lower CPU priority (Linux: niceness is per thread), so bulk SDK work yields to
-    the training threads when the CPUs are busy and still runs at full speed when they are not."""
-    if not sys.platform.startswith("linux"):
-        return  # elsewhere the niceness belongs to the whole process
+def background_priority() -> None:
+    """Call first in an SDK background thread: on Linux it switches the calling thread (the policy is per thread)
+    to SCHED_IDLE.  Such a thread never preempts a normal one when it wakes up and gets the CPU almost only when a
+    core would otherwise idle, so publishing, hashing checkpoints and sampling system metrics take nothing from
+    training threads that keep every core busy (a CPU training whose OpenMP threads wait for each other at every
+    barrier loses more than the stolen time).  On a host with spare cores (a GPU training) it changes nothing."""
+    if not sys.platform.startswith("linux") or os.environ.get(BACKGROUND_ENV, "idle") != "idle":
+        return
     try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
     except (AttributeError, OSError):
         pass
 
