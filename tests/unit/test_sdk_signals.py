@@ -8,26 +8,22 @@ flush-on-SIGTERM handler until it woke up: the runner's cancel would wait for th
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 
 SCRIPT = textwrap.dedent("""
-    import json, os, threading, time, kiln_sdk
+    import json, threading, time, kiln_sdk
     run = kiln_sdk.init()
     run.log_metrics(1, {"loss": 1.0})
     run.artifact(__import__("sys").argv[1])
     time.sleep(0.5)
-    masks, policy = {}, {"main": os.sched_getscheduler(threading.main_thread().native_id)}
+    masks = {}
     for t in threading.enumerate():
         if t.name.startswith("kiln-sdk-"):
-            policy[t.name] = os.sched_getscheduler(t.native_id)
             for line in open(f"/proc/self/task/{t.native_id}/status"):
                 if line.startswith("SigBlk:"):
                     masks[t.name] = int(line.split()[1], 16)
@@ -36,7 +32,6 @@ SCRIPT = textwrap.dedent("""
         if line.startswith("SigBlk:"):
             masks["main"] = int(line.split()[1], 16)
     print(json.dumps(masks), flush=True)
-    print(json.dumps(policy), flush=True)
     run.finish(timeout=1)
 """)
 
@@ -59,21 +54,3 @@ def test_sdk_threads_block_sigterm_sigint_sighup_and_the_main_thread_does_not(tm
     for name, mask in masks.items():
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             assert _blocked(mask, sig) == (name != "main"), (name, sig, hex(mask))
-
-
-@pytest.mark.parametrize("setting", [None, "normal"])
-def test_sdk_threads_run_under_sched_idle_unless_told_otherwise(tmp_path: Path, setting: str | None) -> None:
-    weights = tmp_path / "last.pt"
-    weights.write_bytes(b"w" * 1000)
-    env = {"KILN_JOB_ID": "idle-1", "KILN_PROJECT": "p", "KILN_ATTEMPT": "1", "KILN_JOB_DIR": str(tmp_path),
-           "KILN_NATS_URL": "nats://127.0.0.1:9", "KILN_SYSTEM_METRICS_S": "0.1", "PATH": "/usr/bin:/bin"}
-    if setting is not None:
-        env["KILN_SDK_BACKGROUND_PRIORITY"] = setting
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(weights)], env=env, capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, out.stderr
-    policy = json.loads(out.stdout.splitlines()[1])
-    assert policy.pop("main") == os.SCHED_OTHER  # the training thread keeps its priority
-    assert set(policy) == {"kiln-sdk-publisher", "kiln-sdk-system", "kiln-sdk-artifacts"}
-    expected = os.SCHED_IDLE if setting is None else os.SCHED_OTHER
-    assert set(policy.values()) == {expected}, policy

@@ -13,7 +13,6 @@ contract models.  The unit tests check that both paths write the same bytes.
 from __future__ import annotations
 
 import math
-import os
 import secrets
 import signal
 import sys
@@ -79,24 +78,6 @@ def start_thread(thread: threading.Thread) -> None:
         thread.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-BACKGROUND_ENV = "KILN_SDK_BACKGROUND_PRIORITY"
-"""``idle`` (default): SDK threads run under SCHED_IDLE; ``normal``: at the process's priority."""
-
-
-def background_priority() -> None:
-    """Call first in an SDK background thread: on Linux it switches the calling thread (the policy is per thread)
-    to SCHED_IDLE.  Such a thread never preempts a normal one when it wakes up and gets the CPU almost only when a
-    core would otherwise idle, so publishing, hashing checkpoints and sampling system metrics take nothing from
-    training threads that keep every core busy (a CPU training whose OpenMP threads wait for each other at every
-    barrier loses more than the stolen time).  On a host with spare cores (a GPU training) it changes nothing."""
-    if not sys.platform.startswith("linux") or os.environ.get(BACKGROUND_ENV, "idle") != "idle":
-        return
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
-    except (AttributeError, OSError):
-        pass
 
 
 def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ._events import Record, background_priority, start_thread, warn_once
+from ._events import Record, start_thread, warn_once
 from .context import JobContext
 
 CHUNK = 256 << 10
@@ -239,7 +239,6 @@ class ArtifactWorker:
         return ok
 
     def _main(self) -> None:
-        background_priority()
         while True:
             with self._cv:
                 while not self._pending and not self._closed:

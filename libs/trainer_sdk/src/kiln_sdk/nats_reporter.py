@@ -18,7 +18,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from ._events import EventFactory, Record, background_priority, start_thread, warn_once
+from ._events import EventFactory, Record, start_thread, warn_once
 from ._queue import Marker, RecordQueue
 from .reporters import Reporter
 from ._acks import AckPublisher, InflightBatch
@@ -175,7 +175,6 @@ class NatsReporter(Reporter):
     # -- publisher thread -----------------------------------------------------------------------------------
 
     def _thread_main(self) -> None:
-        background_priority()
         loop = asyncio.new_event_loop()
         try:
             loop.run_until_complete(self._main())

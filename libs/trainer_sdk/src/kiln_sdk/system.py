@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._events import Record, background_priority, start_thread, warn_once
+from ._events import Record, start_thread, warn_once
 
 GB = 1024**3
 OWNER_ENV = "KILN_SYSTEM_METRICS_OWNER"
@@ -145,7 +145,6 @@ class SystemMonitor:
             os.environ.pop(OWNER_ENV, None)
 
     def _main(self) -> None:
-        background_priority()
         try:
             import psutil
 
