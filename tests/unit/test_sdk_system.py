@@ -27,7 +27,7 @@ def test_inside_kiln_the_run_reports_cpu_and_ram_every_interval(tmp_path: Path) 
                                            "KILN_SYSTEM_METRICS_S": "0.1"})
     try:
         assert run.monitor is not None and run.monitor._thread.name == "kiln-sdk-system"
-        assert os.environ[OWNER_ENV] == str(os.getpid())
+        assert os.environ[OWNER_ENV] == f"{os.getpid()}:j1:1"
         deadline = time.monotonic() + 10
         while len(rec.of_kind("metrics")) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -56,9 +56,14 @@ def test_a_child_process_leaves_sampling_to_the_process_that_owns_it(tmp_path: P
             "run = kiln_sdk.init(reporter=RecordingReporter()); print(run.monitor is not None); run.finish()")
     env = {**os.environ, "KILN_JOB_ID": "j1", "KILN_JOB_DIR": str(tmp_path), "KILN_SYSTEM_METRICS_S": "5"}
     alone = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    owned = subprocess.run([sys.executable, "-c", code], env={**env, OWNER_ENV: str(os.getpid())},
+    owned = subprocess.run([sys.executable, "-c", code], env={**env, OWNER_ENV: f"{os.getpid()}:j1:1"},
                            capture_output=True, text=True, timeout=60)  # e.g. a DDP worker of a sampling launcher
     assert (alone.stdout.strip(), owned.stdout.strip()) == ("True", "False"), alone.stderr + owned.stderr
+    # An owner of another job, or a stale one without a job (a process that never finished its run), does not count.
+    for stale in (f"{os.getpid()}:j2:1", f"{os.getpid()}:j1:2", str(os.getpid())):
+        other = subprocess.run([sys.executable, "-c", code], env={**env, OWNER_ENV: stale}, capture_output=True,
+                               text=True, timeout=60)
+        assert other.stdout.strip() == "True", (stale, other.stderr)
 
 
 def test_no_gpu_keys_when_the_job_has_no_gpu(monkeypatch) -> None:
@@ -98,3 +103,13 @@ def test_gpu_keys_follow_cuda_visible_devices(monkeypatch) -> None:
         "sys/gpu1_util": 30.0, "sys/gpu1_mem_used_gb": 4.0, "sys/gpu1_mem_percent": 5.0, "sys/gpu1_temp_c": 43.0,
         "sys/gpu1_power_w": 103.0,
     }
+
+
+def test_a_run_shorter_than_one_interval_still_gets_one_sample(tmp_path: Path) -> None:
+    rec = RecordingReporter(job_id="j1")
+    run = kiln_sdk.init(reporter=rec, env={"KILN_JOB_ID": "j1", "KILN_JOB_DIR": str(tmp_path),
+                                           "KILN_SYSTEM_METRICS_S": "60"})
+    time.sleep(0.2)
+    run.finish()
+    samples = [m for m in rec.of_kind("metrics") if "sys/cpu_percent" in m.metrics]
+    assert len(samples) == 1 and samples[0].metrics["sys/proc_rss_gb"] > 0

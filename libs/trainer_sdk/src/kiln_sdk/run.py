@@ -130,7 +130,7 @@ class Run:
         :func:`init` calls it inside Kiln (``KILN_SYSTEM_METRICS_S``, default 5 s); it is stopped by :meth:`finish`.
         """
         if self.monitor is None and interval > 0:
-            self.monitor = SystemMonitor(self._submit_at, interval).start()
+            self.monitor = SystemMonitor(self._submit_at, interval, _monitor_key(self.context)).start()
         return self.monitor
 
     @property
@@ -239,10 +239,14 @@ def init(*, reporter: Reporter | None = None, env: Mapping[str, str] | None = No
         if reporter is None:
             reporter = _default_reporter(ctx)
         _current = Run(ctx, reporter)
-        if ctx.in_kiln and ctx.system_metrics_s > 0 and _rank() in (-1, 0) and should_monitor():
+        if ctx.in_kiln and ctx.system_metrics_s > 0 and _rank() in (-1, 0) and should_monitor(_monitor_key(ctx)):
             _current.start_system_metrics(ctx.system_metrics_s)
         _install_hooks()
         return _current
+
+
+def _monitor_key(ctx: JobContext) -> str:
+    return f"{ctx.job_id}:{ctx.attempt}"
 
 
 def _rank() -> int:

@@ -38,10 +38,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def should_monitor() -> bool:
-    """False in a process whose parent (or an ancestor) already samples this machine for the job."""
-    owner = os.environ.get(OWNER_ENV)
-    return not (owner and owner.isdigit() and int(owner) != os.getpid() and _pid_alive(int(owner)))
+def owner_value(job: str) -> str:
+    """What :data:`OWNER_ENV` holds in the sampling process of ``job`` (``<job_id>:<attempt>``) and its children."""
+    return f"{os.getpid()}:{job}"
+
+
+def should_monitor(job: str = "") -> bool:
+    """False in a process whose parent (or an ancestor) already samples this machine for the same job attempt.
+
+    An owner left in the environment by anything else (another job, a process that did not finish its run) does
+    not count: only a live process sampling this very ``job`` does."""
+    pid, _, owner_job = (os.environ.get(OWNER_ENV) or "").partition(":")
+    return not (pid.isdigit() and int(pid) != os.getpid() and owner_job == job and _pid_alive(int(pid)))
 
 
 class _Gpus:
@@ -122,10 +130,12 @@ class SystemMonitor:
     Args:
         submit: Takes each record (the run's reporter).
         interval: Seconds between samples.
+        job: ``<job_id>:<attempt>``, to tell this job's child processes that it samples for them.
     """
 
-    def __init__(self, submit: Callable[[Record], None], interval: float = 5.0) -> None:
+    def __init__(self, submit: Callable[[Record], None], interval: float = 5.0, job: str = "") -> None:
         self.submit = submit
+        self.job = job
         self.interval = interval
         self.samples = 0
         self._stop = threading.Event()
@@ -133,7 +143,7 @@ class SystemMonitor:
         self._thread = threading.Thread(target=self._main, name="kiln-sdk-system", daemon=True)
 
     def start(self) -> "SystemMonitor":
-        os.environ[OWNER_ENV] = str(os.getpid())  # inherited by child processes: they leave it to us
+        os.environ[OWNER_ENV] = owner_value(self.job)  # inherited by child processes: they leave it to us
         start_thread(self._thread)
         return self
 
@@ -141,7 +151,7 @@ class SystemMonitor:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        if os.environ.get(OWNER_ENV) == str(os.getpid()):
+        if os.environ.get(OWNER_ENV) == owner_value(self.job):
             os.environ.pop(OWNER_ENV, None)
 
     def _main(self) -> None:
@@ -155,14 +165,22 @@ class SystemMonitor:
             warn_once("system", f"system metrics off: {exc!r}")
             return
         try:
-            while not self._stop.wait(self.interval):
+            while True:
+                stopping = self._stop.wait(self.interval)
+                if stopping and self.samples:
+                    break
+                # A run shorter than one interval still gets one sample, taken when it stops.
                 try:
                     metrics = sample_once(proc, gpus)
                 except Exception as exc:  # noqa: BLE001
                     warn_once("system-sample", f"system metrics sample failed: {exc!r}")
+                    if stopping:
+                        break
                     continue
                 step = int(time.monotonic() - self._t0)
                 self.submit(("metrics", time.time(), {"step": step, "metrics": metrics}))
                 self.samples += 1
+                if stopping:
+                    break
         finally:
             gpus.close()
