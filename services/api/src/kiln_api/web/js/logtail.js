@@ -1,8 +1,9 @@
 // A live log tail: seeded from the REST tail, extended by the notifier's log batches, auto-scrolling while the
 // reader is at the bottom. The socket replays the job's log history, which overlaps the REST tail: a line
 // older than the newest seeded one is history (in the tail already, or older than the tail shows); at that
-// very instant a multiset of (stream, text) tells the seeded lines from new ones. Nothing shows twice, and the
-// order stays the order the lines were read in.
+// very instant a multiset of (stream, text) tells the seeded lines from new ones. Nothing shows twice. Lines
+// are kept in time order, the API's order: the trainer's own log lines (through the SDK) and the output the runner
+// captures come through different publishers, so a line may arrive after a later one from the other source.
 
 import {h} from "./dom.js";
 
@@ -52,7 +53,7 @@ export class LogTail {
       const key = `${r.stream}|${r.text}`;
       if (t === this.seededUntil) this.atLast.set(key, (this.atLast.get(key) || 0) + 1);
     }
-    this.append(rows.map((r) => [r.stream, r.text]));
+    this.append(rows.map((r) => [r.stream, r.text, micros(r.time)]));
   }
 
   /** Lines of one log batch event: {t, stream, text}. */
@@ -64,16 +65,30 @@ export class LogTail {
       const key = `${l.stream}|${l.text}`;
       const left = t === this.seededUntil ? this.atLast.get(key) : 0;
       if (left) { this.atLast.set(key, left - 1); continue; }
-      fresh.push([l.stream, l.text]);
+      fresh.push([l.stream, l.text, t]);
     }
     this.append(fresh);
   }
 
   append(rows) {
     if (!rows.length) return;
-    const frag = document.createDocumentFragment();
-    for (const [stream, text] of rows) {
-      frag.append(h("div", {class: `log-line log-${stream}`}, (text || "").replace(ANSI, "") || " "));
+    let frag = document.createDocumentFragment();
+    let lastT = this.lines.lastElementChild ? Number(this.lines.lastElementChild.dataset.t) : -Infinity;
+    for (const [stream, text, t] of rows) {
+      const line = h("div", {class: `log-line log-${stream}`, dataset: {t: String(t)}},
+        (text || "").replace(ANSI, "") || " ");
+      if (t >= lastT) {  // the usual case: newer than everything shown
+        frag.append(line);
+        lastT = t;
+        continue;
+      }
+      this.lines.append(frag);  // keep what came before it in place, then insert this one where it belongs
+      frag = document.createDocumentFragment();
+      let next = this.lines.lastElementChild;
+      while (next.previousElementSibling && Number(next.previousElementSibling.dataset.t) > t) {
+        next = next.previousElementSibling;
+      }
+      this.lines.insertBefore(line, next);
     }
     this.lines.append(frag);
     this.count += rows.length;
