@@ -18,6 +18,7 @@ from kiln_testing.notifier import (
     expect,
     ids,
     new_job,
+    next_message,
     running_notifier,
     silence,
     ws_connect,
@@ -88,16 +89,17 @@ async def test_stalled_client_is_cut_off_and_resumes_without_loss(nats_url: str,
     job_id, project = new_job()
     pub = Publisher(js, job_id, project)
     path = f"/api/v1/ws/jobs/{job_id}"
-    total = 150
-    # A queue of 16 lets the healthy client ride out a busy machine; 150 x 64 KB (~9.6 MB) still exceeds what the
-    # stalled one can absorb (~3 MB of kernel buffers + 16 queued messages), so it must overflow.
-    with running_notifier(nats_url, client_queue=16, close_timeout_s=30) as address:
+    total = 200
+    # A queue of 32 lets the healthy client (read by this busy test process) ride out a loaded machine; 200 x 64 KB
+    # (~13 MB) still exceeds what the stalled one can absorb (~3 MB of kernel buffers + 32 queued messages, ~2 MB),
+    # so it must overflow.
+    with running_notifier(nats_url, client_queue=32, close_timeout_s=30) as address:
         stalled = await ws_connect(address, path, sock=small_window_socket(address), max_queue=1)
         async with ws_connect(address, path) as healthy:
             await expect(healthy, "subscribed")
             reader = asyncio.create_task(events(healthy, total, timeout=30))
             published = []
-            # ~64 KB each, ~9.6 MB in all: more than the kernel buffers a non-reading peer still absorbs (~3 MB
+            # ~64 KB each, ~13 MB in all: more than the kernel buffers a non-reading peer still absorbs (~3 MB
             # on loopback, where the send buffer autotunes to 4 MB), so the server's sender really blocks.
             for _ in range(total):
                 published.append(await pub.noisy_logs(64_000))
@@ -122,11 +124,23 @@ async def test_stalled_client_is_cut_off_and_resumes_without_loss(nats_url: str,
         cursor = notice["dropped_after"][f"job:{job_id}"]
         assert cursor == {"after_events": None, "after_logs": relayed[-1]["seq"]}
 
-        # Reconnecting with the cursor replays exactly the rest.
-        async with ws_connect(address, f"{path}?after_logs={cursor['after_logs']}") as again:
-            await expect(again, "subscribed")
-            rest = await events(again, total - len(relayed))
-            await silence(again, 0.3)
+        # Reconnecting with the cursor replays exactly the rest. A replay of megabytes may itself outrun this
+        # reader's queue: then the client is told where it stopped and resumes from there, as the web page does.
+        rest: list[dict[str, Any]] = []
+        for _ in range(20):
+            async with ws_connect(address, f"{path}?after_logs={cursor['after_logs']}") as again:
+                await expect(again, "subscribed")
+                while len(relayed) + len(rest) < total:
+                    msg = await next_message(again, 10.0)
+                    if msg["type"] == "overflow":
+                        cursor = msg["dropped_after"][f"job:{job_id}"]
+                        assert cursor["after_logs"] == (rest or relayed)[-1]["seq"]  # where it really stopped
+                        break
+                    assert msg["type"] == "event", msg
+                    rest.append(msg)
+                else:
+                    await silence(again, 0.3)
+                    break
         assert ids(relayed) + ids(rest) == [e.id for e in published]
 
 

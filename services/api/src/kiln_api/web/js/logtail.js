@@ -77,7 +77,7 @@ export class LogTail {
     for (const [stream, text, t] of rows) {
       const line = h("div", {class: `log-line log-${stream}`, dataset: {t: String(t)}},
         (text || "").replace(ANSI, "") || " ");
-      if (t >= lastT) {  // the usual case: newer than everything shown
+      if (!(t < lastT)) {  // the usual case: not older than anything shown (or no time)
         frag.append(line);
         lastT = t;
         continue;
