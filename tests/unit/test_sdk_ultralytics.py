@@ -135,6 +135,7 @@ def test_callbacks_dict_matches_ultralytics_hook_names() -> None:
 
 @pytest.mark.parametrize("interval, expected", [
     (None, [("best.pt", 1), ("last.pt", 1), ("epoch3.pt", 3), ("last.pt", 4)]),  # default 60 s
+    ("soon", [("best.pt", 1), ("last.pt", 1), ("epoch3.pt", 3), ("last.pt", 4)]),  # not a number: warned, 60 s
     ("0", [("best.pt", 1), ("last.pt", 1), ("last.pt", 2), ("epoch3.pt", 3), ("last.pt", 3), ("last.pt", 4),
            ("last.pt", 4)]),  # every save, then the optimizer-stripped final one
 ])

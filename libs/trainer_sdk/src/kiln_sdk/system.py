@@ -165,22 +165,18 @@ class SystemMonitor:
             warn_once("system", f"system metrics off: {exc!r}")
             return
         try:
-            while True:
+            stopping = False
+            while not stopping:
                 stopping = self._stop.wait(self.interval)
                 if stopping and self.samples:
-                    break
-                # A run shorter than one interval still gets one sample, taken when it stops.
+                    break  # a run shorter than one interval still gets one sample, taken when it stops
                 try:
                     metrics = sample_once(proc, gpus)
                 except Exception as exc:  # noqa: BLE001
                     warn_once("system-sample", f"system metrics sample failed: {exc!r}")
-                    if stopping:
-                        break
                     continue
                 step = int(time.monotonic() - self._t0)
                 self.submit(("metrics", time.time(), {"step": step, "metrics": metrics}))
                 self.samples += 1
-                if stopping:
-                    break
         finally:
             gpus.close()

@@ -47,13 +47,15 @@ export class LogTail {
 
   /** Lines from GET /logs: {time, stream, text}, oldest first. */
   seed(rows) {
+    const lines = [];
     for (const r of rows) {
       const t = micros(r.time);
       if (t > this.seededUntil) { this.seededUntil = t; this.atLast.clear(); }
       const key = `${r.stream}|${r.text}`;
       if (t === this.seededUntil) this.atLast.set(key, (this.atLast.get(key) || 0) + 1);
+      lines.push([r.stream, r.text, t]);
     }
-    this.append(rows.map((r) => [r.stream, r.text, micros(r.time)]));
+    this.append(lines);
   }
 
   /** Lines of one log batch event: {t, stream, text}. */
