@@ -1,7 +1,7 @@
 """What the trainer SDK costs a training loop, and how much it can carry.
 
     .venv/bin/python bench/bench_sdk.py [latency] [throughput] [yolo] [--calls 100000] [--events 100000]
-        [--repeat 3] [--pairs 6] [--epochs 8] [--imgsz 96] [--images 64]
+        [--repeat 3] [--pairs 6] [--epochs 8] [--imgsz 96] [--images 64] [--torch-threads 0]
 
 1. ``latency``: the cost of one ``run.log_metrics(step, <10 metrics>)`` on the calling (training) thread, with the
    real :class:`kiln_sdk.NatsReporter` connected to a real nats-server started here, measured per call with
@@ -185,28 +185,34 @@ def bench_throughput(url: str, tmp: Path, events: int, repeat: int) -> float:
 YOLO_CHILD = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    job = Path(sys.argv[1]); data = sys.argv[2]; pairs = int(sys.argv[3]); epochs = int(sys.argv[4])
-    imgsz = int(sys.argv[5])
+    job = Path(sys.argv[1]); data = sys.argv[2]; epochs = int(sys.argv[3]); imgsz = int(sys.argv[4])
+    torch_threads = int(sys.argv[5]); server_pid = int(sys.argv[6])
     os.environ.update(YOLO_OFFLINE="1", YOLO_AUTOINSTALL="0", YOLO_CONFIG_DIR=str(job / "yolo-config"))
     os.environ.pop("PYTEST_CURRENT_TEST", None)
     from kiln_trainer_ultralytics import environment
     environment.prepare(job)
     from ultralytics import YOLO
     environment.switch_off_integrations()
+    import torch
     import kiln_sdk
     from kiln_sdk.integrations import ultralytics as kiln_ul
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
 
-    def kiln_threads_cpu():
+    def kiln_threads_cpu():  # ns-exact CPU time of each Kiln thread (schedstat; stat's ticks are 10 ms)
         import threading
-        tick, out = os.sysconf("SC_CLK_TCK"), {}
+        out = {}
         for t in threading.enumerate():
             if t.name.startswith("kiln-sdk-"):
                 try:
-                    f = open(f"/proc/self/task/{t.native_id}/stat").read().rsplit(")", 1)[1].split()
-                    out[t.name[9:]] = (int(f[11]) + int(f[12])) / tick
+                    out[t.name[9:]] = int(open(f"/proc/self/task/{t.native_id}/schedstat").read().split()[0]) / 1e9
                 except OSError:
                     pass
         return out
+
+    def server_cpu():  # the bench's nats-server, all its threads (ticks)
+        f = open(f"/proc/{server_pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
     def train(kiln, name):
         model = YOLO("yolov8n.yaml")
@@ -226,21 +232,23 @@ YOLO_CHILD = textwrap.dedent("""
 
             for event, fn in kiln_ul.callbacks.items():
                 model.add_callback(event, timed(fn))
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, s0 = time.perf_counter(), time.process_time(), server_cpu()
         model.train(data=data, epochs=epochs, imgsz=imgsz, batch=8, nbs=8, warmup_epochs=0, workers=0,
                     plots=False, seed=0, deterministic=True, device="cpu", project=str(job), name=name,
                     exist_ok=True, verbose=False, val=True)
         t_train, cpu = time.perf_counter() - t0, time.process_time() - c0  # cpu: every thread of the process
-        threads = kiln_threads_cpu()
+        threads, server = kiln_threads_cpu(), server_cpu() - s0
         ok = run.finish(timeout=60) if kiln else True
         stats = run.reporter.stats if kiln else {}
         return {"mode": "on" if kiln else "off", "train_s": t_train, "cpu_s": cpu, "acked": ok,
-                "delivered": stats.get("delivered", 0), "in_callbacks_s": spent[0], "threads_cpu_s": threads}
+                "delivered": stats.get("delivered", 0), "in_callbacks_s": spent[0], "threads_cpu_s": threads,
+                "server_cpu_s": server}
 
-    train(False, "warmup")  # label caches, page cache, torch's first-call costs
-    for p in range(pairs):
-        for kiln in ((True, False) if p % 2 == 0 else (False, True)):  # alternate which goes first
-            print(json.dumps(train(kiln, f"p{p}-{int(kiln)}")), flush=True)
+    print("ready", flush=True)
+    for n, line in enumerate(sys.stdin):  # one command per line: warmup | on | off
+        mode = line.strip()
+        result = train(mode == "on", f"r{n}-{mode}")
+        print(json.dumps({**result, "mode": mode}), flush=True)
 """)
 
 
@@ -260,38 +268,123 @@ def _geomean_ci(ratios: list[float], rounds: int = 10_000) -> tuple[float, float
             math.exp(means[int(0.975 * rounds) - 1]))
 
 
-def bench_yolo(url: str, tmp: Path, pairs: int, epochs: int, imgsz: int, images: int) -> float:
+class _Trainer:
+    """One training child process (see ``YOLO_CHILD``), optionally pinned to one core; trains on command."""
+
+    def __init__(self, tag: str, url: str, tmp: Path, data: Path, a: argparse.Namespace, server_pid: int,
+                 core: int | None) -> None:
+        self.job = tmp / f"yolo-{tag}"
+        self.job.mkdir()
+        self.core = core
+        env = {**os.environ, "KILN_JOB_ID": f"bench-yolo-{tag}", "KILN_PROJECT": "bench", "KILN_NATS_URL": url,
+               "KILN_JOB_DIR": str(self.job)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", YOLO_CHILD, str(self.job), str(data), str(a.epochs), str(a.imgsz),
+             str(a.torch_threads), str(server_pid)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=(self.job / "stderr.log").open("w"), text=True, cwd=self.job,
+            preexec_fn=None if core is None else (lambda: os.sched_setaffinity(0, {core})))
+        self._read()  # "ready"
+
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("ready"):
+                return {}
+            if line.startswith('{"'):
+                return json.loads(line)
+        raise SystemExit(f"training failed:\n{(self.job / 'stderr.log').read_text()[-3000:]}")
+
+    def send(self, mode: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(mode + "\n")
+        self.proc.stdin.flush()
+
+    def result(self) -> dict:
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+def _pin_all_threads(pid: int, core: int) -> None:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {core})
+        except OSError:
+            pass
+
+
+def bench_yolo(url: str, tmp: Path, a: argparse.Namespace, server_pid: int) -> float:
     from kiln_local.synth import make_detection_dataset
 
-    print(f"3. tiny YOLO training (yolov8n from YAML, imgsz {imgsz}, {images}+8 synthetic images, {epochs} epochs, "
-          f"batch 8, CPU, seed 0), integration on vs off alternated in one process, {pairs} pairs after a warm-up")
-    data = make_detection_dataset(tmp / "data", n_train=images, n_val=8, imgsz=imgsz)
-    job = tmp / "yolo"
-    job.mkdir()
-    env = {**os.environ, "KILN_JOB_ID": "bench-yolo", "KILN_PROJECT": "bench", "KILN_NATS_URL": url,
-           "KILN_JOB_DIR": str(job)}
-    proc = subprocess.Popen([sys.executable, "-c", YOLO_CHILD, str(job), str(data), str(pairs), str(epochs),
-                             str(imgsz)], env=env, stdout=subprocess.PIPE, stderr=(job / "stderr.log").open("w"),
-                            text=True, cwd=job)
+    pinned = a.layout == "pinned"
+    if pinned and a.torch_threads != 1:
+        a.torch_threads = 1  # one core each: one torch thread each
+    threads = f"{a.torch_threads} torch thread(s)" if a.torch_threads else "torch's default threads"
+    if a.aa:
+        print("   A/A run: both sides of every pair are 'off' (what on/off ratios this machine gives by itself)")
+    how = ("two processes at the same time, each pinned to its own core, one on and one off (roles swap every "
+           "pair; nats-server pinned to the 'on' core)" if pinned else "on and off alternated in one process")
+    print(f"3. tiny YOLO training (yolov8n from YAML, imgsz {a.imgsz}, {a.images}+8 synthetic images, {a.epochs} "
+          f"epochs, batch 8, CPU, {threads}, seed 0), integration on vs off: {how}; {a.pairs} pairs after a warm-up")
     res: dict[str, list[dict]] = {"on": [], "off": []}
-    wall, cpu, pair = [], [], {}
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if not line.startswith('{"mode"'):
-            continue  # Ultralytics' own output
-        r = json.loads(line)
-        res[r["mode"]].append(r)
-        pair[r["mode"]] = r
+    wall, cpu = [], []
+
+    def show(n: int, r: dict, where: str = "") -> None:
         extra = (f", {r['in_callbacks_s'] * 1000:.1f} ms in Kiln callbacks, {r['delivered']} events acked: "
-                 f"{r['acked']}, CPU of Kiln threads {_ms(r['threads_cpu_s'])}") if r["mode"] == "on" else ""
-        print(f"  pair {len(wall) + 1} {r['mode']:>3}: train {r['train_s']:.2f}s wall, {r['cpu_s']:.2f}s CPU{extra}")
-        if len(pair) == 2:
-            wall.append(pair["on"]["train_s"] / pair["off"]["train_s"])
-            cpu.append(pair["on"]["cpu_s"] / pair["off"]["cpu_s"])
-            pair = {}
-    if proc.wait() != 0 or not wall:
-        raise SystemExit(f"training failed:\n{(job / 'stderr.log').read_text()[-3000:]}")
-    best = {m: min(r["train_s"] for r in res[m]) for m in res}
+                 f"{r['acked']}, CPU of Kiln threads {_ms(r['threads_cpu_s'])}, nats-server "
+                 f"{r['server_cpu_s'] * 1000:.0f} ms") if r["mode"] == "on" else ""
+        print(f"  pair {n} {r['mode']:>3}{where}: train {r['train_s']:.2f}s wall, {r['cpu_s']:.2f}s CPU{extra}")
+
+    def record(n: int, on: dict, off: dict) -> None:
+        res["on"].append(on)
+        res["off"].append(off)
+        wall.append(on["train_s"] / off["train_s"])
+        cpu.append(on["cpu_s"] / off["cpu_s"])
+
+    if pinned:
+        cores = sorted(os.sched_getaffinity(0))[:2]
+        if len(cores) < 2:
+            raise SystemExit("--layout pinned needs two cores")
+        kids = []
+        for k, core in enumerate(cores):
+            data = make_detection_dataset(tmp / f"data{k}", n_train=a.images, n_val=8, imgsz=a.imgsz)
+            kids.append(_Trainer(f"core{core}", url, tmp, data, a, server_pid, core))
+        try:
+            for kid in kids:  # warm-up at the same time, as the pairs run
+                kid.send("warmup")
+            for kid in kids:
+                kid.result()
+            for p in range(a.pairs):
+                on_kid, off_kid = (kids[p % 2], kids[1 - p % 2])
+                _pin_all_threads(server_pid, on_kid.core or 0)
+                on_kid.send("off" if a.aa else "on")
+                off_kid.send("off")
+                on, off = on_kid.result(), off_kid.result()
+                show(p + 1, on, f" (core {on_kid.core})")
+                show(p + 1, off, f" (core {off_kid.core})")
+                record(p + 1, on, off)
+        finally:
+            for kid in kids:
+                kid.close()
+    else:
+        data = make_detection_dataset(tmp / "data", n_train=a.images, n_val=8, imgsz=a.imgsz)
+        kid = _Trainer("seq", url, tmp, data, a, server_pid, None)
+        try:
+            kid.send("warmup")  # label caches, page cache, torch's first-call costs
+            kid.result()
+            for p in range(a.pairs):
+                got = {}
+                for slot in (("on", "off") if p % 2 == 0 else ("off", "on")):  # alternate which goes first
+                    kid.send("off" if a.aa else slot)
+                    got[slot] = kid.result()
+                    show(p + 1, got[slot])
+                record(p + 1, got["on"], got["off"])
+        finally:
+            kid.close()
+    best = {m: min(r["train_s"] for r in res[m]) for m in res}  # "on"/"off" are the pair's slots
     print(f"  wall on/off per pair: {', '.join(f'{r:.3f}' for r in wall)}; median {statistics.median(wall):.3f}; "
           f"best-of-{len(wall)} on/off {best['on'] / best['off']:.3f} ({best['on']:.2f}s vs {best['off']:.2f}s)")
     gm, lo, hi = _geomean_ci(wall)
@@ -303,6 +396,15 @@ def bench_yolo(url: str, tmp: Path, pairs: int, epochs: int, imgsz: int, images:
     share = [r["in_callbacks_s"] / r["train_s"] for r in res["on"]]
     print(f"  time inside the Kiln callbacks on the training thread: {statistics.median(share):.2%} of train() "
           f"(median; max {max(share):.2%}); every event acked: {all(r['acked'] for r in res['on'])}")
+    # What Kiln adds, counted rather than timed: the callbacks (training thread), the CPU of its own threads and
+    # the server's extra CPU for its events.  Where training keeps every core busy each of these can displace
+    # training about 1:1, so their sum over the "off" time estimates the slowdown without the noise of comparing
+    # two wall times.
+    off_server = statistics.median(r["server_cpu_s"] for r in res["off"])
+    added = [(r["in_callbacks_s"] + sum(r["threads_cpu_s"].values()) + max(r["server_cpu_s"] - off_server, 0.0))
+             / o["train_s"] for r, o in zip(res["on"], res["off"])]
+    print(f"  counted cost (callbacks + Kiln threads' CPU + nats-server's extra CPU) / off wall time: median "
+          f"{statistics.median(added):.2%}, max {max(added):.2%}")
     return gm
 
 
@@ -316,6 +418,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--imgsz", type=int, default=96)
     p.add_argument("--images", type=int, default=64)
+    p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads in the YOLO runs (0: default)")
+    p.add_argument("--aa", action="store_true", help="YOLO: both sides 'off' (the noise floor of the comparison)")
+    p.add_argument("--layout", choices=["sequential", "pinned"], default="sequential",
+                   help="YOLO on/off: alternated in one process, or two pinned processes at the same time")
     a = p.parse_args()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -329,7 +435,8 @@ def main() -> None:
             if "throughput" in a.parts:
                 bench_throughput(server.url, tmp, a.events, a.repeat)
             if "yolo" in a.parts:
-                bench_yolo(server.url, tmp, a.pairs, a.epochs, a.imgsz, a.images)
+                assert server.proc is not None
+                bench_yolo(server.url, tmp, a, server.proc.pid)
         finally:
             server.stop()
     print(f"load average at the end {os.getloadavg()[0]:.2f}")

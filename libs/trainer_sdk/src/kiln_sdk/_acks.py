@@ -44,11 +44,13 @@ class InflightBatch:
     async def settle(self, timeout: float) -> list[BaseException | None]:
         """Wait up to ``timeout`` s (from the publish) for every ack; one entry per message, ``None`` = acked."""
         if self._left > 0:
-            left = max(self._t0 + timeout - asyncio.get_running_loop().time(), 0.01)
+            loop = asyncio.get_running_loop()
+            # One timer on the batch's own future (``wait_for`` and ``shield`` add a task and a future per wait).
+            timer = loop.call_later(max(self._t0 + timeout - loop.time(), 0.01), _expire, self._done)
             try:
-                await asyncio.wait_for(asyncio.shield(self._done), left)
-            except asyncio.TimeoutError:
-                pass
+                await self._done
+            finally:
+                timer.cancel()
         self.cancel()
         return self.errors
 
@@ -62,6 +64,11 @@ class InflightBatch:
         self._left = 0
         if not self._done.done():
             self._done.set_result(None)
+
+
+def _expire(done: "asyncio.Future[None]") -> None:
+    if not done.done():
+        done.set_result(None)  # the acks still missing count as timed out (``InflightBatch.cancel``)
 
 
 class AckPublisher:

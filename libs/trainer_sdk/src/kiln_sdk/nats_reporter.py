@@ -29,7 +29,8 @@ IDLE_POLL_S = 0.05
 """How often a publisher that recently had work looks at the queue: the most a metric waits before it is sent."""
 
 IDLE_MAX_S = 2.0
-"""The longest sleep of a publisher that has been idle for a while (each empty poll doubles the sleep)."""
+"""The longer sleep (after a poll that found nothing, or after rare kinds only): any event ends it, so it only
+bounds housekeeping."""
 
 
 class NatsReporter(Reporter):
@@ -80,7 +81,8 @@ class NatsReporter(Reporter):
         self.reconnect_grace = 3.0  # at close, how long to wait for a lost connection to come back
         self._q = RecordQueue(maxsize)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
+        self._waiter: asyncio.Future[None] | None = None  # resolved to end the publisher's current sleep
+        self._woken = False  # a wake-up came while the publisher was awake: its next sleep returns at once
         self._idle = False
         self._deep_sleep = False  # sleeping longer than IDLE_POLL_S: every kind of event wakes it
         self._closed = False
@@ -111,18 +113,26 @@ class NatsReporter(Reporter):
         self._q.put(record)
         # Wake a sleeping publisher for the rare kinds only: a wake-up is a syscall on this thread, and metrics,
         # the frequent kind, are picked up by the publisher's poll within IDLE_POLL_S anyway; unless it sleeps
-        # longer than that (idle for a while), when the first event of any kind wakes it.
+        # longer than that (after a poll that found nothing, or after events of the rare kinds only), when the
+        # first event of any kind wakes it.
         if self._idle and (record[0] != "metrics" or self._deep_sleep):
             self._idle = False
             self._wake_up()
 
     def _wake_up(self) -> None:
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None:
+        loop = self._loop
+        if loop is not None:
             try:
-                loop.call_soon_threadsafe(wake.set)
+                loop.call_soon_threadsafe(self._wake_in_loop)
             except RuntimeError:  # loop already closed
                 pass
+
+    def _wake_in_loop(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        else:
+            self._woken = True
 
     def _send_marker(self, marker: Marker, wait: float) -> bool:
         self._q.put(marker)
@@ -188,7 +198,6 @@ class NatsReporter(Reporter):
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
         connector = asyncio.ensure_future(self._connect()) if self.nats_url else None
         if connector is not None:
             try:  # give the first connection a moment, so a healthy run never spools its first events
@@ -214,8 +223,7 @@ class NatsReporter(Reporter):
 
         async def on_change() -> None:
             self._retry_at = 0.0
-            if self._wake is not None:
-                self._wake.set()
+            self._wake_in_loop()
 
         try:
             # max_reconnect_attempts=-1 also retries the first connection forever, in this background task.
@@ -261,25 +269,33 @@ class NatsReporter(Reporter):
                 if self._inflight:
                     await self._settle_all()
                     continue
-                # An idle publisher backs off (20 polls/s cost about 0.6% of a core), up to IDLE_MAX_S; any work
-                # brings it back to IDLE_POLL_S.  While the spool waits for NATS it keeps the short poll.
+                # After work, one short poll (metrics do not wake it, so a stream of them costs the training
+                # thread no syscall); when that finds nothing, a long sleep that any event ends (polling 20 times
+                # a second cost about 0.6% of a core).  While the spool waits for NATS it keeps the short poll.
                 await self._sleep(idle)
-                idle = IDLE_POLL_S if self.spool.pending or self._stop is not None else min(idle * 2, IDLE_MAX_S)
+                idle = IDLE_POLL_S if self.spool.pending or self._stop is not None else IDLE_MAX_S
             else:
-                idle = IDLE_POLL_S
+                # Metrics tend to come in streams: look again shortly, without having them wake the publisher.
+                # Other kinds are one-offs (progress at most 4 times a second): sleep until the next one.
+                idle = IDLE_POLL_S if self.spool.pending or any(
+                    type(r) is tuple and r[0] == "metrics" for r in items) else IDLE_MAX_S
         self._stop_now()
 
     async def _sleep(self, timeout: float) -> None:
-        assert self._wake is not None
+        # A bare future and one timer (``asyncio.wait_for`` adds a task per sleep: a third of the idle cost).
+        loop = self._loop
+        assert loop is not None
         self._deep_sleep = timeout > IDLE_POLL_S
         self._idle = True
-        if not len(self._q):  # re-check after raising the flag: submit() may have missed it
+        if not len(self._q) and not self._woken:  # re-check after raising the flag: submit() may have missed it
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _resolve, waiter)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
-        self._idle = self._deep_sleep = False
-        self._wake.clear()
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        self._idle = self._deep_sleep = self._woken = False
 
     def _keep_trying(self) -> bool:
         now = time.monotonic()
@@ -372,3 +388,8 @@ class NatsReporter(Reporter):
             self._backoff = min(self._backoff * 2, 5.0)
         else:
             self._backoff = 0.5
+
+
+def _resolve(waiter: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -170,12 +170,15 @@ def on_train_batch_end(trainer: Any) -> None:
     if now - st.last_check < PROGRESS_INTERVAL_S and st.batch < nb:
         return
     st.last_check = now
+    # The cancel check (a stat of the cancel file) comes first: a system call lets another thread take the
+    # interpreter lock, and right after ``progress`` that is the publisher it has just woken, which would hold the
+    # training thread here for its whole turn instead of running beside the next batch's torch operations.
+    _check_cancel(trainer, st, "batch")
     elapsed = max(now - st.epoch_t0, 1e-9)
     per_batch = elapsed / st.batch
     remaining = max(nb - st.batch, 0) + max(trainer.epochs - trainer.epoch - 1, 0) * nb
     _run().progress(trainer.epoch + 1, trainer.epochs, st.batch, nb,
                     images_per_s=st.batch * trainer.batch_size / elapsed, eta_s=remaining * per_batch)
-    _check_cancel(trainer, st, "batch")
 
 
 @_guard
@@ -204,8 +207,8 @@ def on_fit_epoch_end(trainer: Any) -> None:
     if trainer.fitness is not None:
         metrics["fitness"] = trainer.fitness
     st.last_epoch = trainer.epoch + 1
+    _check_cancel(trainer, st, "epoch")  # before the event, as in on_train_batch_end
     run.epoch(st.last_epoch, trainer.epochs, metrics, trainer.epoch_time)
-    _check_cancel(trainer, st, "epoch")
 
 
 @_guard
