@@ -226,6 +226,37 @@ async def test_pipelined_window_keeps_order_across_many_batches(nats_url: str, t
     assert [e.seq for _, e in got] == list(range(1, 5001 - run.reporter.stats["coalesced"]))  # type: ignore[attr-defined]
 
 
+async def test_after_a_progress_event_the_publisher_sleeps_until_the_next_event_and_metrics_still_wake_it(
+        nats_url: str, tmp_path: Path, monkeypatch) -> None:
+    """A one-off event (progress, 4 a second from the Ultralytics hooks) costs one wake-up, not a 50 ms poll on top;
+    a metric logged while the publisher sleeps that long still goes out at once, and nothing is lost or reordered."""
+    await ensure(nats_url)
+    monkeypatch.setattr(nats_reporter, "IDLE_MAX_S", 30.0)
+    monkeypatch.setattr(nats_reporter, "IDLE_POLL_S", 5.0)  # a short poll after progress would show as a 5 s delay
+    run = new_run(nats_url, tmp_path)
+    reporter = run.reporter
+    assert isinstance(reporter, NatsReporter)
+    deadline = time.monotonic() + 10
+    while reporter._loop is None and time.monotonic() < deadline:  # connected and pumping
+        await asyncio.sleep(0.01)
+    t0 = time.monotonic()
+    run.progress(1, 2, 1, 4, images_per_s=10.0, eta_s=3.0)
+    while reporter.stats["delivered"] < 1 and time.monotonic() - t0 < 10:
+        await asyncio.sleep(0.01)
+    assert reporter.stats["delivered"] == 1 and time.monotonic() - t0 < 2.5
+    while not reporter._deep_sleep and time.monotonic() - t0 < 10:
+        await asyncio.sleep(0.01)
+    assert reporter._deep_sleep and time.monotonic() - t0 < 2.5  # not a 5 s poll first
+    t1 = time.monotonic()
+    run.log_metrics(1, {"loss": 0.5})  # metrics wake a publisher in its long sleep
+    while reporter.stats["delivered"] < 2 and time.monotonic() - t1 < 10:
+        await asyncio.sleep(0.01)
+    assert reporter.stats["delivered"] == 2 and time.monotonic() - t1 < 2.5
+    assert run.finish(timeout=10)
+    got = await fetch(nats_url, subjects.job_events(run.job_id or ""))
+    assert [e.data.kind for _, e in got] == ["progress", "metrics"] and [e.seq for _, e in got] == [1, 2]
+
+
 async def test_an_idle_publisher_backs_off_and_the_next_metric_still_goes_out_at_once(
         nats_url: str, tmp_path: Path, monkeypatch) -> None:
     await ensure(nats_url)
