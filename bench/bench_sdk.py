@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_sdk.py [latency] [throughput] [yolo] [--calls 100000] [--events 100000]
         [--repeat 3] [--pairs 6] [--epochs 8] [--imgsz 96] [--images 64] [--torch-threads 0]
+        [--layout sequential|pinned] [--aa]
 
 1. ``latency``: the cost of one ``run.log_metrics(step, <10 metrics>)`` on the calling (training) thread, with the
    real :class:`kiln_sdk.NatsReporter` connected to a real nats-server started here, measured per call with
@@ -12,11 +13,15 @@
    as the SDK keeps up (backing off only when the queue is 90% full, so nothing coalesces), the count is the
    stream's message count on the server; each round also measures nats-py alone (``publish_async`` of events
    serialized beforehand) as the baseline of that moment.
-3. ``yolo``: a real tiny YOLO training (detection, CPU, about 12 s) with the Kiln integration on (callbacks and a
-   ``NatsReporter`` publishing to the server, default settings) and off, same seed, alternated on/off ``pairs``
-   times in one process after a warm-up training (separate processes add their own +-10% to each run); reports
-   the ratio of the ``model.train()`` wall and CPU times (per pair, median, geometric mean with a 95% bootstrap
-   interval, best-of-N), and the time spent inside Kiln's callbacks on the training thread.
+3. ``yolo``: a real tiny YOLO training (detection, CPU, 10-20 s) with the Kiln integration on (callbacks and a
+   ``NatsReporter`` publishing to the server, default settings) and off, same seed, ``pairs`` times after a
+   warm-up.  ``--layout sequential``: on and off alternate in one process (separate processes add their own
+   +-10% to each run).  ``--layout pinned``: two processes run at the same time, each pinned to one core with one
+   torch thread, one on and one off, swapping roles every pair (the nats-server is pinned to the "on" core): the
+   worst case for Kiln's threads, which get no spare core.  ``--aa`` makes both sides "off": the ratios the
+   machine produces by itself.  Reports the ratio of the ``model.train()`` wall and CPU times (per pair, median,
+   geometric mean with a 95% bootstrap interval, best-of-N), the time inside Kiln's callbacks, and the counted
+   cost: callbacks + the CPU of Kiln's threads + the server's extra CPU, over the "off" wall time.
 """
 
 from __future__ import annotations
@@ -423,6 +428,7 @@ def main() -> None:
     p.add_argument("--layout", choices=["sequential", "pinned"], default="sequential",
                    help="YOLO on/off: alternated in one process, or two pinned processes at the same time")
     a = p.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress shows when piped, too
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

@@ -134,8 +134,9 @@ def test_callbacks_dict_matches_ultralytics_hook_names() -> None:
 
 
 @pytest.mark.parametrize("interval, expected", [
-    (None, [("best.pt", 1), ("last.pt", 1), ("epoch3.pt", 3), ("last.pt", 4)]),  # default 60 s
-    ("soon", [("best.pt", 1), ("last.pt", 1), ("epoch3.pt", 3), ("last.pt", 4)]),  # not a number: warned, 60 s
+    # default 60 s: a run shorter than that stores its snapshot when it appears, the rolling ones at the end
+    (None, [("epoch3.pt", 3), ("best.pt", 1), ("last.pt", 4)]),  # best.pt: written by epoch 1's save
+    ("soon", [("epoch3.pt", 3), ("best.pt", 1), ("last.pt", 4)]),  # not a number: warned, 60 s
     ("0", [("best.pt", 1), ("last.pt", 1), ("last.pt", 2), ("epoch3.pt", 3), ("last.pt", 3), ("last.pt", 4),
            ("last.pt", 4)]),  # every save, then the optimizer-stripped final one
 ])
@@ -164,4 +165,23 @@ def test_checkpoints_are_stored_at_most_once_per_interval_and_always_at_the_end(
     assert requested == expected
     assert run.flush(10)
     stored = {(a.name, a.epoch) for a in rec.of_kind("artifact")}
-    assert ("last.pt", 4) in stored and ("best.pt", 1) in stored and ("epoch3.pt", 3) in stored
+    assert {("last.pt", 4), ("epoch3.pt", 3), ("best.pt", 1)} <= stored
+
+
+def test_rolling_checkpoints_wait_one_interval_from_the_start_and_keep_the_epoch_that_wrote_them(
+        tmp_path: Path, recorded, monkeypatch) -> None:
+    """Epochs of 25 s (a fake clock) and the default 60 s interval: last.pt and best.pt are first stored at the
+    save 75 s in, best.pt still labelled with epoch 1 (the save that wrote it), then last.pt once more at the end."""
+    run, _ = recorded
+    monkeypatch.delenv(kiln_ul.CHECKPOINT_INTERVAL_ENV, raising=False)
+    now = [1000.0]
+    monkeypatch.setattr(kiln_ul, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    requested: list[tuple[str, int | None]] = []
+    monkeypatch.setattr(run, "artifact", lambda path, name=None, epoch=None: requested.append((name, epoch)))
+
+    def tick(epoch: int, batch: int) -> None:
+        now[0] += 25.0
+
+    trainer = kiln_ul.add_kiln_callbacks(FakeTrainer(tmp_path, epochs=4, nb=1))
+    trainer.train(on_batch=tick)
+    assert requested == [("best.pt", 1), ("last.pt", 3), ("last.pt", 4)]

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import time
 import weakref
 from pathlib import Path
@@ -30,8 +31,13 @@ PROGRESS_INTERVAL_S = 0.25
 """Minimum seconds between two progress events (and two checks of the cancel file)."""
 
 CHECKPOINT_INTERVAL_ENV = "KILN_CHECKPOINT_INTERVAL_S"
-"""Minimum seconds between two stores of the same checkpoint file while training (default 60; 0: every save).
-A new file (e.g. ``epoch10.pt``) is stored at once, and the final ``last.pt``/``best.pt`` always are."""
+"""Minimum seconds between two stores of the same checkpoint file while training (default 60; 0: every save),
+counted from the start of training for the rolling ``last.pt``/``best.pt``.  A snapshot (``epoch10.pt``, never
+rewritten) is stored at once, and the final ``last.pt``/``best.pt`` always are."""
+
+
+_SNAPSHOT = re.compile(r"epoch\d+\.pt")
+"""Ultralytics' ``save_period`` checkpoints: each is written once, so it is stored when it appears."""
 
 
 def _checkpoint_interval() -> float:
@@ -49,10 +55,11 @@ class _State:
         self.epoch_started = -1  # trainer.epoch seen by on_train_epoch_start
         self.last_epoch = 0  # last 1-based epoch reported
         self.batch = 0
-        self.epoch_t0 = time.monotonic()
+        self.epoch_t0 = self.started = time.monotonic()
         self.last_check = 0.0
         self.files: dict[Path, tuple[int, int]] = {}  # checkpoint -> (mtime_ns, size) last announced
         self.announced_at: dict[Path, float] = {}  # checkpoint -> monotonic time it was last announced
+        self.written: dict[Path, tuple[tuple[int, int], int | None]] = {}  # checkpoint -> (key, epoch that saved it)
         self.stop_logged = False
 
 
@@ -101,9 +108,11 @@ def _check_cancel(trainer: Any, st: _State, where: str) -> None:
 def _announce_checkpoints(trainer: Any, epoch: int | None, final: bool = False) -> None:
     """Store and announce the checkpoints that changed since they were last announced.
 
-    While training, one file is stored at most every :data:`CHECKPOINT_INTERVAL_ENV` seconds: with short epochs,
-    hashing and uploading ``last.pt`` and ``best.pt`` after every epoch would compete with training for CPU, disk
-    and network.  ``final`` (the end of training, cancelled or not) stores every changed file.
+    While training, one file is stored at most every :data:`CHECKPOINT_INTERVAL_ENV` seconds, the first time one
+    interval after training started: with short epochs, hashing and uploading ``last.pt`` and ``best.pt`` (with
+    the optimizer state, several times the model's size) after every epoch would compete with training for CPU,
+    disk and network.  Snapshots (``epochN.pt``) are stored when they appear; ``final`` (the end of training,
+    cancelled or not) stores every changed file.
     """
     wdir = Path(getattr(trainer, "wdir", "") or "")
     if not wdir.is_dir():
@@ -114,14 +123,19 @@ def _announce_checkpoints(trainer: Any, epoch: int | None, final: bool = False) 
     for path in sorted(wdir.glob("*.pt")):
         stat = path.stat()
         key = (stat.st_mtime_ns, stat.st_size)
+        if not final and st.written.get(path, (None, None))[0] != key:
+            st.written[path] = (key, epoch)  # the epoch a file belongs to is the one whose save wrote it
         if st.files.get(path) == key:
             continue  # unchanged since it was last announced
         last = st.announced_at.get(path)
+        if last is None and not _SNAPSHOT.fullmatch(path.name):
+            last = st.started  # a rolling checkpoint: its first store also waits one interval
         if last is not None and now - last < interval:
             continue  # stored again at a later save, or at the end
         st.files[path] = key
         st.announced_at[path] = now
-        _run().artifact(path, name=path.name, epoch=epoch)
+        # At the end Ultralytics rewrites last.pt and best.pt without the optimizer: same weights, same epoch.
+        _run().artifact(path, name=path.name, epoch=st.written.get(path, (None, epoch))[1])
 
 
 @_guard
