@@ -166,6 +166,28 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+_NANOSLEEP = {"x86_64": "230", "aarch64": "115"}.get(os.uname().machine)
+
+
+def wait_until_asleep(pid: int, limit: float = 5.0) -> None:
+    """Wait until ``pid``'s main thread is inside ``time.sleep``'s clock_nanosleep.
+
+    A signal that lands between the interpreter's last signal check and the start of that system call cannot
+    interrupt it (a CPython limit, not the SDK's), so the handler would run only when the sleep ends.  Training loops
+    return to bytecode all the time; this test's script sleeps once, so it signals only once the sleep has begun,
+    which still fails when the signal goes to a thread other than the main one.
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if open(f"/proc/{pid}/syscall").read().split()[0] == _NANOSLEEP:
+                return
+        except (OSError, IndexError):
+            time.sleep(0.5)  # not readable here: give the script time to get into its sleep
+            return
+        time.sleep(0.005)
+
+
 @pytest.mark.parametrize("how", ["sigterm", "chain", "raise"])
 async def test_trainer_process_flushes_on_sigterm_and_on_exception(nats_url: str, tmp_path: Path, how: str) -> None:
     await ensure(nats_url)
@@ -178,6 +200,7 @@ async def test_trainer_process_flushes_on_sigterm_and_on_exception(nats_url: str
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         if how != "raise":
+            wait_until_asleep(proc.pid)
             proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(20)
@@ -226,6 +249,13 @@ async def test_pipelined_window_keeps_order_across_many_batches(nats_url: str, t
     assert [e.seq for _, e in got] == list(range(1, 5001 - run.reporter.stats["coalesced"]))  # type: ignore[attr-defined]
 
 
+async def until(cond, t0: float, limit: float = 10.0) -> float:  # noqa: ANN001
+    """Wait until ``cond()`` holds (at most ``limit`` s after ``t0``); the seconds from ``t0`` to then."""
+    while not cond() and time.monotonic() - t0 < limit:
+        await asyncio.sleep(0.01)
+    return time.monotonic() - t0
+
+
 async def test_after_a_progress_event_the_publisher_sleeps_until_the_next_event_and_metrics_still_wake_it(
         nats_url: str, tmp_path: Path, monkeypatch) -> None:
     """A one-off event (progress, 4 a second from the Ultralytics hooks) costs one wake-up, not a 50 ms poll on top;
@@ -236,22 +266,17 @@ async def test_after_a_progress_event_the_publisher_sleeps_until_the_next_event_
     run = new_run(nats_url, tmp_path)
     reporter = run.reporter
     assert isinstance(reporter, NatsReporter)
-    deadline = time.monotonic() + 10
-    while reporter._loop is None and time.monotonic() < deadline:  # connected and pumping
-        await asyncio.sleep(0.01)
+    await until(lambda: reporter._loop is not None, time.monotonic())  # connected and pumping
     t0 = time.monotonic()
     run.progress(1, 2, 1, 4, images_per_s=10.0, eta_s=3.0)
-    while reporter.stats["delivered"] < 1 and time.monotonic() - t0 < 10:
-        await asyncio.sleep(0.01)
-    assert reporter.stats["delivered"] == 1 and time.monotonic() - t0 < 2.5
-    while not reporter._deep_sleep and time.monotonic() - t0 < 10:
-        await asyncio.sleep(0.01)
-    assert reporter._deep_sleep and time.monotonic() - t0 < 2.5  # not a 5 s poll first
+    took = await until(lambda: reporter.stats["delivered"] >= 1, t0)
+    assert reporter.stats["delivered"] == 1 and took < 2.5
+    took = await until(lambda: reporter._deep_sleep, t0)
+    assert reporter._deep_sleep and took < 2.5  # not a 5 s poll first
     t1 = time.monotonic()
     run.log_metrics(1, {"loss": 0.5})  # metrics wake a publisher in its long sleep
-    while reporter.stats["delivered"] < 2 and time.monotonic() - t1 < 10:
-        await asyncio.sleep(0.01)
-    assert reporter.stats["delivered"] == 2 and time.monotonic() - t1 < 2.5
+    took = await until(lambda: reporter.stats["delivered"] >= 2, t1)
+    assert reporter.stats["delivered"] == 2 and took < 2.5
     assert run.finish(timeout=10)
     got = await fetch(nats_url, subjects.job_events(run.job_id or ""))
     assert [e.data.kind for _, e in got] == ["progress", "metrics"] and [e.seq for _, e in got] == [1, 2]
@@ -270,7 +295,6 @@ async def test_an_idle_publisher_backs_off_and_the_next_metric_still_goes_out_at
     assert reporter._deep_sleep
     t0 = time.monotonic()
     run.log_metrics(1, {"loss": 0.5})  # metrics wake a publisher in a long sleep
-    while reporter.stats["delivered"] < 2 and time.monotonic() - t0 < 10:
-        await asyncio.sleep(0.01)
-    assert reporter.stats["delivered"] == 2 and time.monotonic() - t0 < 1.5
+    took = await until(lambda: reporter.stats["delivered"] >= 2, t0)
+    assert reporter.stats["delivered"] == 2 and took < 1.5
     assert run.finish(timeout=10)
