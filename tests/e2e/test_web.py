@@ -84,27 +84,53 @@ def browser_page(sync_playwright, stack):
 
 
 class Gate:
-    """Sits between the page and the notifier (Playwright's WebSocket routing): can cut every live connection
-    and refuse new ones for a while, like a notifier restart or a network drop."""
+    """Sits between the page and the notifier (Playwright's WebSocket routing).
+
+    It can cut every live connection and refuse new ones for a while, like a notifier restart or a network drop,
+    and it decides when the page hears what the notifier sent: with ``hold_after_first_epoch`` it passes messages
+    up to the first epoch event and holds the rest, so the page is in a known state whatever the training's pace.
+    """
 
     def __init__(self) -> None:
         self.open = True
         self.routes: list = []
         self.connections = 0
+        self.hold_after_first_epoch = False
+        self.holding = False  # messages from the notifier wait in ``held`` instead of reaching the page
+        self.held: list = []
 
     def __call__(self, ws) -> None:
         if not self.open:
             ws.close(code=1013, reason="gate closed")
             return
-        ws.connect_to_server()
+        server = ws.connect_to_server()
+        server.on_message(lambda message: self._from_server(ws, message))
         self.routes.append(ws)
         self.connections += 1
 
+    def _from_server(self, ws, message) -> None:
+        if self.holding:
+            self.held.append((ws, message))
+            return
+        ws.send(message)
+        if self.hold_after_first_epoch and '"kind":"epoch"' in message.replace(" ", ""):
+            self.holding = True
+
+    def release(self) -> None:
+        """Hand everything held to the page at once, in order (as a congested link or a busy tab would)."""
+        self.holding, self.hold_after_first_epoch = False, False
+        held, self.held = self.held, []
+        for ws, message in held:
+            ws.send(message)
+
     def cut(self) -> None:
+        """Close every connection; what was held is lost with it (the page's cursors stay before it)."""
         self.open = False
         for ws in self.routes:
             ws.close(code=1012, reason="cut by test")
         self.routes.clear()
+        self.held.clear()
+        self.holding, self.hold_after_first_epoch = False, False
 
 
 def wait_api(api: str, job_id: str, want: set[str], timeout: float = 120) -> dict:
@@ -129,6 +155,7 @@ def shot(page, tmp_path: Path, name: str) -> None:
 def test_start_watch_resume_compare_and_cancel_in_a_browser(browser_page, stack, dataset, tmp_path):
     page, api = browser_page, stack.api_url
     gate = Gate()
+    gate.hold_after_first_epoch = True  # the page hears the first epoch, not (yet) the second: whatever the pace
     page.route_web_socket(re.compile(r"/api/v1/ws$"), gate)
 
     page.goto(f"{api}/")
@@ -157,6 +184,7 @@ def test_start_watch_resume_compare_and_cancel_in_a_browser(browser_page, stack,
 
     # Live: the loss chart gains its first point...
     page.wait_for_selector("[data-chart='loss'][data-points='1']", timeout=120_000)
+    assert gate.holding
     assert page.locator("[data-chart='val']").count() == 1 and page.locator("[data-chart='lr']").count() == 1
     # ...then the connection is cut and the job finishes while the page cannot hear about it...
     gate.cut()
@@ -217,4 +245,77 @@ def test_start_watch_resume_compare_and_cancel_in_a_browser(browser_page, stack,
     page.wait_for_function("document.querySelectorAll('tbody tr').length === 1")
     assert page.locator("tbody tr").get_attribute("data-job-id") == long_id
 
+    assert page.errors == []
+
+
+SHORT_TRAIN = {"epochs": 2, "imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "warmup_epochs": 0, "seed": 0}
+LOSS_POINTS = """() => { const el = document.querySelector("[data-chart='loss']"); return el && el.dataset.points; }"""
+
+
+def _short_job(api: str, dataset: Path, name: str) -> str:
+    r = httpx.post(f"{api}/api/v1/jobs", json={"name": name, "model": "yolov8n.yaml", "dataset": str(dataset),
+                                               "train": SHORT_TRAIN, "start": True}, timeout=10)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def _watch_loss_points(page) -> None:
+    """Record every value the loss chart's point count takes (a MutationObserver misses no change)."""
+    page.evaluate("""() => { window.lossPoints = [];
+      new MutationObserver((ms) => ms.forEach((m) => m.target.dataset.chart === "loss" &&
+        window.lossPoints.push(m.target.dataset.points)))
+      .observe(document.body, {subtree: true, attributes: true, attributeFilter: ["data-points"]}); }""")
+
+
+def _every_epoch_once(page, api: str, job_id: str) -> None:
+    stored = httpx.get(f"{api}/api/v1/jobs/{job_id}/epochs", timeout=10).json()
+    assert [row["epoch"] for row in stored] == [1, 2]
+    page.wait_for_selector(".job-head .chip[data-status='completed']")
+    page.wait_for_function(f"({LOSS_POINTS})() === '2'")
+    page.wait_for_timeout(300)  # a late duplicate or a third point would land within a few frames
+    assert page.evaluate(LOSS_POINTS) == "2"
+    assert all(p in ("1", "2") for p in page.evaluate("window.lossPoints")), page.evaluate("window.lossPoints")
+    assert page.locator(".progress").get_attribute("data-epoch") == "2"
+    timeline = page.locator(".timeline li").evaluate_all("els => els.map(e => e.dataset.status)")
+    assert timeline == ["queued", "starting", "running", "completed"]
+    assert page.evaluate("window.kiln.live.duplicates") == 0
+
+
+def test_a_short_job_shows_every_epoch_once_whatever_arrives_first(browser_page, stack, dataset):
+    """A job that ends before the page hears of it: the socket's messages held until it completed and then
+    delivered in one burst (both epochs reach the page in the same frame), and the page's REST reads held
+    until it completed while the socket runs live. Either way every epoch is on the chart exactly once."""
+    page, api = browser_page, stack.api_url
+    gate = Gate()
+    page.route_web_socket(re.compile(r"/api/v1/ws$"), gate)
+    page.goto(f"{api}/")
+    page.wait_for_selector("#conn[data-state='live']")
+
+    # 1. The notifier's messages reach the page only after the job has completed, all at once.
+    gate.holding = True
+    job_id = _short_job(api, dataset, "burst")
+    page.goto(f"{api}/#/jobs/{job_id}")
+    page.wait_for_selector(".job-head .chip")  # the REST snapshot is in: queued, no epochs yet
+    _watch_loss_points(page)
+    wait_api(api, job_id, {"completed"})
+    page.wait_for_timeout(1000)  # the writer's epoch rows and the last events are on their way
+    assert page.evaluate(LOSS_POINTS) is None and gate.held
+    gate.release()
+    _every_epoch_once(page, api, job_id)
+
+    # 2. The page's REST reads wait until the job has completed; the socket delivers everything first.
+    held: list = []
+    reads = re.compile(r"/api/v1/jobs/[\w-]+(/metrics|/logs)?(\?.*)?$")
+    page.route(reads, lambda route: held.append(route))
+    job_id = _short_job(api, dataset, "rest-late")
+    page.goto(f"{api}/#/jobs/{job_id}")
+    _watch_loss_points(page)
+    wait_api(api, job_id, {"completed"})
+    page.wait_for_function("window.kiln.live.subs.size > 0")
+    page.wait_for_timeout(1000)
+    assert len(held) == 4 and page.evaluate(LOSS_POINTS) is None  # nothing drawn before the snapshot
+    for route in held:
+        route.continue_()
+    page.unroute(reads)
+    _every_epoch_once(page, api, job_id)
     assert page.errors == []
