@@ -60,6 +60,11 @@ def run_trainer(tmp_path: Path, nats_url: str, dataset: Path, train: TrainArgs, 
     return job_id, proc
 
 
+def kiln_line(stderr: str) -> str:
+    """The trainer's last ``kiln: ...`` line (the SDK may add its own notes after it)."""
+    return [line for line in stderr.splitlines() if line.startswith("kiln: ")][-1]
+
+
 TINY = dict(epochs=2, imgsz=64, batch=8, nbs=8, warmup_epochs=0, workers=0, plots=False)
 
 
@@ -125,5 +130,28 @@ def test_dataset_ultralytics_rejects_exits_2_with_the_reason(nats_url: str, tmp_
     data.write_text(f"path: {data.parent}\ntrain: images/train\nval: images/val\nnames: {{0: a}}\n")
     _, proc = run_trainer(tmp_path, nats_url, data, TrainArgs(**TINY), timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"kiln: dataset {data}: ") and "images not found" in last, last
+    last = kiln_line(proc.stderr)
+    assert last == f"kiln: dataset {data}: the 'train' split {data.parent / 'images' / 'train'} does not exist", last
+
+
+DOWNLOAD_PAYLOADS = [
+    "import pathlib; pathlib.Path({marker!r}).write_text('ran')",
+    "bash -c touch${{IFS}}{marker}",
+]
+
+
+@pytest.mark.parametrize("payload", DOWNLOAD_PAYLOADS, ids=["python", "bash"])
+def test_a_dataset_download_entry_never_runs(nats_url: str, tmp_path: Path, payload: str) -> None:
+    """The payload that made Ultralytics exec() code on the runner: a `download:` entry and no val split."""
+    marker = tmp_path / "pwned"
+    data = tmp_path / "evil" / "data.yaml"
+    (data.parent / "images" / "train").mkdir(parents=True)
+    data.write_text("path: .\ntrain: images/train\nval: images/val\nnames: {0: a}\n"
+                    f"download: {payload.format(marker=str(marker))!r}\n")
+    _, proc = run_trainer(tmp_path, nats_url, data, TrainArgs(**TINY), timeout=120)
+    assert not marker.exists(), "the dataset's download: entry ran on the runner"
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "'download:' entry is ignored" in proc.stdout
+    last = kiln_line(proc.stderr)
+    assert last == f"kiln: dataset {data}: the 'val' split {data.parent / 'images' / 'val'} does not exist", last
+

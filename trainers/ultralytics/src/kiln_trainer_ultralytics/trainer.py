@@ -14,6 +14,7 @@ import kiln_sdk
 from kiln_contracts import StartJob, Task
 from kiln_sdk import JobContext, Run
 
+from . import dataset as datasets
 from . import environment
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED = 0, 2, 3
@@ -60,6 +61,21 @@ def resolve_dataset(ctx: JobContext, spec: StartJob) -> str:
             raise UserError(f"dataset {raw} is a folder without data.yaml")
         path = yaml
     return str(path.resolve())
+
+
+def checked_dataset(ctx: JobContext, path: str) -> str:
+    """A data YAML goes to Ultralytics as a checked copy in the job folder (see :mod:`.dataset`)."""
+    source = Path(path)
+    if source.suffix not in (".yaml", ".yml"):
+        return path
+    try:
+        return str(datasets.checked_copy(source, ctx.job_dir.resolve() / "dataset", say=_say))
+    except datasets.DatasetRejected as exc:
+        raise UserError(f"dataset {path}: {exc}") from exc
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def check_model(model: str) -> None:
@@ -117,13 +133,14 @@ def build_model(spec: StartJob, resume: str | None) -> Any:
 
 def train(run: Run, ctx: JobContext, spec: StartJob) -> int:
     """Train; returns the exit code (raises :class:`UserError` for user errors, anything else is a failure)."""
-    dataset = resolve_dataset(ctx, spec)
+    dataset = checked_dataset(ctx, resolve_dataset(ctx, spec))
     resume = ctx.resume or spec.resume_from
     check_model(resume or spec.spec.model)
     environment.prepare(ctx.job_dir.resolve())
     from kiln_sdk.integrations.ultralytics import add_kiln_callbacks
 
     environment.switch_off_integrations()
+    datasets.forbid_downloads()
     print("kiln: versions " + " ".join(f"{k}={v}" for k, v in environment.versions().items()), flush=True)
     model = add_kiln_callbacks(build_model(spec, resume))
     args = train_args(ctx, spec, dataset, resolve_device(spec.spec.train.device), resume)
