@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 from . import subjects
 
@@ -43,43 +43,44 @@ class TrainArgs(BaseModel):
         3
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict types (no "2" or true for an integer) and finite numbers only: what the trainer will accept.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    epochs: int = Field(10, ge=1, le=10_000, description="Number of training epochs.")
-    imgsz: int = Field(640, ge=32, le=8192, description="Input image size in pixels (multiple of 32).")
-    batch: int = Field(16, ge=-1, le=4096, description="Batch size; -1 lets Ultralytics choose (AutoBatch, GPU only).")
+    epochs: StrictInt = Field(10, ge=1, le=10_000, description="Number of training epochs.")
+    imgsz: StrictInt = Field(640, ge=32, le=8192, description="Input image size in pixels (multiple of 32).")
+    batch: StrictInt = Field(16, ge=-1, le=4096, description="Batch size; -1 lets Ultralytics choose (AutoBatch, GPU only).")
     device: str | None = Field(None, pattern=r"^(cpu|mps|\d+(,\d+)*)$", description="Device; normally set by the runner's slot.")
-    workers: int = Field(0, ge=0, le=64, description="Data loader worker processes.")
-    seed: int = Field(0, ge=0, description="Random seed (recorded for reproducibility).")
-    deterministic: bool = Field(True, description="Use deterministic algorithms.")
+    workers: StrictInt = Field(0, ge=0, le=64, description="Data loader worker processes.")
+    seed: StrictInt = Field(0, ge=0, le=2**32 - 1, description="Random seed (recorded for reproducibility).")
+    deterministic: StrictBool = Field(True, description="Use deterministic algorithms.")
     optimizer: Optimizer = Field(Optimizer.auto, description="Optimizer.")
-    lr0: float = Field(0.01, gt=0, le=1, description="Initial learning rate.")
-    lrf: float = Field(0.01, gt=0, le=1, description="Final learning rate as a fraction of lr0.")
-    momentum: float = Field(0.937, ge=0, le=1, description="SGD momentum / Adam beta1.")
-    weight_decay: float = Field(0.0005, ge=0, le=1, description="Optimizer weight decay.")
-    warmup_epochs: float = Field(3.0, ge=0, le=100, description="Warm-up epochs.")
-    cos_lr: bool = Field(False, description="Cosine learning-rate schedule.")
-    patience: int = Field(100, ge=0, description="Epochs without improvement before early stop.")
-    nbs: int = Field(64, ge=1, le=4096, description="Nominal batch size for loss scaling.")
-    close_mosaic: int = Field(10, ge=0, description="Disable mosaic for the last N epochs.")
-    mosaic: float = Field(1.0, ge=0, le=1, description="Mosaic augmentation probability.")
-    mixup: float = Field(0.0, ge=0, le=1, description="MixUp augmentation probability.")
-    fliplr: float = Field(0.5, ge=0, le=1, description="Horizontal flip probability.")
-    flipud: float = Field(0.0, ge=0, le=1, description="Vertical flip probability.")
-    hsv_h: float = Field(0.015, ge=0, le=1, description="HSV hue augmentation.")
-    hsv_s: float = Field(0.7, ge=0, le=1, description="HSV saturation augmentation.")
-    hsv_v: float = Field(0.4, ge=0, le=1, description="HSV value augmentation.")
-    degrees: float = Field(0.0, ge=-180, le=180, description="Rotation augmentation (degrees).")
-    translate: float = Field(0.1, ge=0, le=1, description="Translation augmentation fraction.")
-    scale: float = Field(0.5, ge=0, description="Scale augmentation gain.")
-    fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the training set to use.")
-    single_cls: bool = Field(False, description="Treat all classes as one.")
-    rect: bool = Field(False, description="Rectangular training batches.")
-    amp: bool = Field(True, description="Automatic mixed precision (GPU).")
+    lr0: StrictFloat = Field(0.01, gt=0, le=1, description="Initial learning rate.")
+    lrf: StrictFloat = Field(0.01, gt=0, le=1, description="Final learning rate as a fraction of lr0.")
+    momentum: StrictFloat = Field(0.937, ge=0, le=1, description="SGD momentum / Adam beta1.")
+    weight_decay: StrictFloat = Field(0.0005, ge=0, le=1, description="Optimizer weight decay.")
+    warmup_epochs: StrictFloat = Field(3.0, ge=0, le=100, description="Warm-up epochs.")
+    cos_lr: StrictBool = Field(False, description="Cosine learning-rate schedule.")
+    patience: StrictInt = Field(100, ge=0, le=10_000, description="Epochs without improvement before early stop.")
+    nbs: StrictInt = Field(64, ge=1, le=4096, description="Nominal batch size for loss scaling.")
+    close_mosaic: StrictInt = Field(10, ge=0, le=10_000, description="Disable mosaic for the last N epochs.")
+    mosaic: StrictFloat = Field(1.0, ge=0, le=1, description="Mosaic augmentation probability.")
+    mixup: StrictFloat = Field(0.0, ge=0, le=1, description="MixUp augmentation probability.")
+    fliplr: StrictFloat = Field(0.5, ge=0, le=1, description="Horizontal flip probability.")
+    flipud: StrictFloat = Field(0.0, ge=0, le=1, description="Vertical flip probability.")
+    hsv_h: StrictFloat = Field(0.015, ge=0, le=1, description="HSV hue augmentation.")
+    hsv_s: StrictFloat = Field(0.7, ge=0, le=1, description="HSV saturation augmentation.")
+    hsv_v: StrictFloat = Field(0.4, ge=0, le=1, description="HSV value augmentation.")
+    degrees: StrictFloat = Field(0.0, ge=-180, le=180, description="Rotation augmentation (degrees).")
+    translate: StrictFloat = Field(0.1, ge=0, le=1, description="Translation augmentation fraction.")
+    scale: StrictFloat = Field(0.5, ge=0, le=1, description="Scale augmentation gain.")
+    fraction: StrictFloat = Field(1.0, gt=0, le=1, description="Fraction of the training set to use.")
+    single_cls: StrictBool = Field(False, description="Treat all classes as one.")
+    rect: StrictBool = Field(False, description="Rectangular training batches.")
+    amp: StrictBool = Field(True, description="Automatic mixed precision (GPU).")
     cache: Literal[False, "ram", "disk"] = Field(False, description="Cache images in RAM or on disk.")
-    val: bool = Field(True, description="Validate every epoch.")
-    plots: bool = Field(False, description="Write Ultralytics plots (off by default: needs fonts).")
-    save_period: int = Field(-1, ge=-1, description="Save a checkpoint every N epochs (-1: only last/best).")
+    val: StrictBool = Field(True, description="Validate every epoch.")
+    plots: StrictBool = Field(False, description="Write Ultralytics plots (off by default: needs fonts).")
+    save_period: StrictInt = Field(-1, ge=-1, le=10_000, description="Save a checkpoint every N epochs (-1: only last/best).")
 
     @field_validator("imgsz")
     @classmethod
@@ -111,12 +112,14 @@ class JobSpec(BaseModel):
         description="Dataset: a local path (data YAML or a folder with data.yaml / class folders) or s3://bucket/prefix.",
     )
     train: TrainArgs = Field(default_factory=TrainArgs, description="Ultralytics train arguments.")
-    timeout_s: int = Field(24 * 3600, ge=10, le=30 * 24 * 3600, description="Wall-clock limit of one attempt.")
-    max_attempts: int = Field(1, ge=1, le=10, description="Attempts before the job is given up.")
+    timeout_s: StrictInt = Field(24 * 3600, ge=10, le=30 * 24 * 3600, description="Wall-clock limit of one attempt.")
+    max_attempts: StrictInt = Field(1, ge=1, le=10, description="Attempts before the job is given up.")
 
     @field_validator("model")
     @classmethod
     def _model_kind(cls, v: str) -> str:
+        if "://" in v or v.startswith("//"):
+            raise ValueError("model must be a model YAML name or a path on the runner, not a URL (nothing is downloaded)")
         if not v.endswith((".yaml", ".yml", ".pt")):
             raise ValueError("model must be a model YAML (.yaml/.yml) or a weights file (.pt)")
         if "\x00" in v or ".." in v.split("/"):

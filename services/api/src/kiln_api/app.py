@@ -10,12 +10,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from kiln_contracts import JobSpec, StartJob
 from kiln_store import make_engine, upgrade
 
+from . import errors
 from .adapters import jobs_repo
 from .adapters.bus import Bus
 from .routes import artifacts, jobs
@@ -60,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Kiln API", version="0.1.0", lifespan=lifespan,
                   description="Create, start, watch and cancel YOLO training jobs.")
+    app.add_exception_handler(RequestValidationError, errors.validation_error)
     app.include_router(jobs.router, prefix="/api/v1")
     app.include_router(artifacts.router, prefix="/api/v1")
 

@@ -6,6 +6,7 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
+from pydantic import ValidationError
 
 from kiln_contracts import JobSpec, JobStatus, StartJob, utcnow
 from kiln_store import queries
@@ -17,6 +18,7 @@ from ..schemas import EpochRow, JobCreate, JobDetail, JobOut, LogOut, MetricsOut
 
 log = logging.getLogger("kiln.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+MAX_OFFSET = 2**31 - 1  # SQL takes a 64-bit offset at most; no listing is this long
 DEFAULT_MAX_POINTS = 2000  # about one point per pixel column of a wide chart, for min and max
 
 
@@ -27,11 +29,24 @@ async def _job_or_404(conn: ConnDep, job_id: str) -> dict[str, Any]:
     return job
 
 
+def _recorded_spec(job: dict[str, Any]) -> JobSpec:
+    """The job's stored spec; one that today's rules reject (stored by an older version) answers 409 with why."""
+    try:
+        return JobSpec.model_validate(job["spec"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise HTTPException(409, f"job {job['id']}'s recorded spec is no longer valid ({where}: {first['msg']}); "
+                                 "create a new job instead") from exc
+
+
 async def _start(conn: ConnDep, bus: BusDep, job: dict[str, Any]) -> None:
     if job["attempt"] > 0:
         raise HTTPException(409, f"job {job['id']} was already started (status {job['status']}); re-run it instead")
+    if job.get("cancel_requested_at") is not None or JobStatus(job["status"]).terminal:
+        raise HTTPException(409, f"job {job['id']} was cancelled before it started; re-run it instead")
     now = utcnow()
-    cmd = StartJob(job_id=job["id"], attempt=1, spec=JobSpec.model_validate(job["spec"]), issued_at=now)
+    cmd = StartJob(job_id=job["id"], attempt=1, spec=_recorded_spec(job), issued_at=now)
     if not await jobs_repo.mark_submitted(conn, job["id"], 1, now):
         raise HTTPException(409, f"job {job['id']} was already started")
     await conn.commit()  # durable before publishing; the sweeper republishes if the publish below is lost
@@ -76,7 +91,7 @@ async def cancel_job(job_id: str, conn: ConnDep, bus: BusDep) -> dict[str, Any]:
 async def rerun_job(job_id: str, conn: ConnDep, bus: BusDep) -> dict[str, Any]:
     """Start a new job with exactly the same recorded spec."""
     job = await _job_or_404(conn, job_id)
-    new_id = await jobs_repo.insert_job(conn, JobSpec.model_validate(job["spec"]), rerun_of=job_id)
+    new_id = await jobs_repo.insert_job(conn, _recorded_spec(job), rerun_of=job_id)
     await conn.commit()
     await _start(conn, bus, await _job_or_404(conn, new_id))
     return await _detail(conn, new_id)
@@ -88,7 +103,7 @@ async def list_jobs(
     project: str | None = None,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[dict[str, Any]]:
     return await queries.list_jobs(conn, project=project, status=status.value if status else None,
                                    limit=limit, offset=offset)
