@@ -313,7 +313,9 @@ def test_a_short_job_shows_every_epoch_once_whatever_arrives_first(browser_page,
     wait_api(api, job_id, {"completed"})
     page.wait_for_function("window.kiln.live.subs.size > 0")
     page.wait_for_timeout(1000)
-    assert len(held) == 4 and page.evaluate(LOSS_POINTS) is None  # nothing drawn before the snapshot
+    # The job's four reads (detail, epoch and step metrics, log tail) wait; nothing is drawn before them.
+    assert len([r for r in held if f"/jobs/{job_id}" in r.request.url]) == 4, [r.request.url for r in held]
+    assert page.evaluate(LOSS_POINTS) is None
     for route in held:
         route.continue_()
     page.unroute(reads)
