@@ -45,6 +45,17 @@ class RunnerProc:
             time.sleep(0.05)
         raise RuntimeError(f"runner {self.name} not ready:\n{self.log_path.read_text()}")
 
+    async def ready(self, timeout: float = 20) -> "RunnerProc":
+        """``wait_ready`` that lets the test's event loop run meanwhile (a proxy in it, for instance)."""
+        deadline = time.monotonic() + timeout
+        while b"up: pool" not in self.log_path.read_bytes():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"runner {self.name} exited:\n{self.log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"runner {self.name} not ready:\n{self.log_path.read_text()}")
+            await asyncio.sleep(0.05)
+        return self
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from faststream.nats import NatsMessage
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from kiln_contracts.service import dead_letter
-from kiln_contracts import CancelJob, Event, ExitClass, JobFinished, JobStatus, StartJob
+from kiln_contracts import CancelJob, Event, ExitClass, JobFinished, JobStatus, StartJob, utcnow
 
 from .adapters.datasets import DatasetCache
+from .domain import JobRef, invalid_reason, job_of_invalid_start
 from .jobs import RunningJob
 from .settings import Settings
 from .slots import Slots
 
 log = logging.getLogger("kiln.runner")
+RETRY_DELAY_S = 2.0  # a command the runner could not handle (bus or KV trouble) comes back after this, not ack_wait
 
 
 class Runner:
-    def __init__(self, settings: Settings, nc: NATS, kv: KeyValue, registry: KeyValue | None = None) -> None:
+    def __init__(self, settings: Settings, nc: NATS, kv: KeyValue, registry: KeyValue | None = None, *,
+                 recheck: asyncio.Event | None = None) -> None:
         self.settings, self.nc, self.kv, self.registry = settings, nc, kv, registry
         self.datasets = DatasetCache(settings.dataset_cache or settings.work_dir / "datasets", self._s3_client,
                                      settings.s3_allowed_buckets)
@@ -34,6 +38,7 @@ class Runner:
         self.tasks: set[asyncio.Task[object]] = set()
         self.draining = False
         self._drain_event = asyncio.Event()
+        self._recheck = recheck or asyncio.Event()  # set: read the cancel marks now (the runner reconnected)
 
     async def on_start(self, msg: NatsMessage) -> None:
         """Claim the attempt, take a slot, spawn, ack; return only once a slot is free again."""
@@ -41,8 +46,14 @@ class Runner:
         try:
             cmd = StartJob.model_validate_json(raw.data)
         except (ValidationError, ValueError) as exc:
-            await dead_letter(self.nc, f"runner-{self.settings.pool}", raw, f"invalid start command: {str(exc)[:400]}",
-                              terminate=False)
+            reason = invalid_reason(exc)
+            try:
+                if (ref := job_of_invalid_start(raw.data)) is not None:
+                    await self._fail_invalid(ref, reason)
+                await dead_letter(self.nc, f"runner-{self.settings.pool}", raw, reason, terminate=False)
+            except Exception:
+                await self._retry_later(msg)
+                raise
             await msg.reject()  # terminates it through FastStream
             return
         if self.draining:
@@ -54,17 +65,21 @@ class Runner:
         # finds the entry going stale and retries or marks the attempt lost; it never stays "starting".
         try:
             registered = await job.register()
+            # Read the cancel mark before the claim: if the read fails, nothing is claimed yet and the command,
+            # redelivered, is handled in full (a claim left behind would make it a "duplicate" never run).
+            reason = await self._cancel_mark(cmd.job_id) if registered else None
             claimed = registered and await self._claim(cmd)
         except Exception:
             await job.unregister()
             await self.slots.give(slot)
-            raise  # not acked: the command is redelivered after the ack wait
+            await self._retry_later(msg)
+            raise
         if not claimed:
             await job.unregister()
             await self.slots.give(slot)
             await msg.ack()
             return
-        if (reason := await self._cancel_mark(cmd.job_id)) is not None:
+        if reason is not None:
             log.info("job %s was cancelled while queued; not starting it", cmd.job_id)
             await self._finish_unstarted(cmd, reason)
             await job.unregister()
@@ -72,6 +87,7 @@ class Runner:
             await msg.ack()
             return
         self.jobs[cmd.job_id] = job
+        self._recheck.set()  # a cancel message that came after the mark was read found no job to stop
         task = asyncio.create_task(self._run(job, slot))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -107,12 +123,44 @@ class Runner:
             log.info("job %s attempt %s already claimed; dropping duplicate start", cmd.job_id, cmd.attempt)
             return False
 
+    @staticmethod
+    async def _retry_later(msg: NatsMessage) -> None:
+        """Not handled: have it redelivered soon (if even the nak is lost, after the consumer's ack wait)."""
+        with contextlib.suppress(Exception):
+            await msg.nack(delay=RETRY_DELAY_S)
+
     async def _cancel_mark(self, job_id: str) -> str | None:
+        """Why the job was cancelled (its KV mark, written by the API), or None when it was not.
+
+        Only a missing key means "not cancelled": any other error propagates, so a cancelled job never starts
+        because the bucket could not be read.
+        """
         try:
             entry = await self.kv.get(f"{job_id}.cancel")
-        except (NotFoundError, Exception):  # nats-py raises KeyNotFoundError (a NotFoundError)
+        except (KeyNotFoundError, KeyDeletedError):
             return None
         return (entry.value or b"").decode() or "cancelled by user"
+
+    async def _fail_invalid(self, ref: JobRef, reason: str) -> None:
+        """End the attempt an unprocessable start command names as ``failed``: else it stays ``queued`` forever.
+
+        The attempt is claimed first, marked as invalid, so a garbage command never ends an attempt that a runner
+        holds; a redelivery (after a failed publish) finds its own mark and publishes again, under the same id.
+        """
+        key, mark = f"{ref.job_id}.{ref.attempt}", f"invalid start command ({self.settings.runner_id})".encode()
+        try:
+            await self.kv.create(key, mark)
+        except KeyWrongLastSequenceError:
+            held = await self.kv.get(key)
+            if not (held.value or b"").startswith(b"invalid start command"):
+                log.warning("invalid start command for %s attempt %s, which is already claimed: ending nothing",
+                            ref.job_id, ref.attempt)
+                return
+        ev = Event(id=f"{ref.job_id}-{ref.attempt}-invalid", time=utcnow(), job_id=ref.job_id, project=ref.project,
+                   attempt=ref.attempt, source="runner", seq=1,
+                   data=JobFinished(status=JobStatus.failed, reason=reason, exit_class=ExitClass.user_error))
+        await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
+        log.warning("job %s attempt %s failed: %s", ref.job_id, ref.attempt, reason)
 
     async def _finish_unstarted(self, cmd: StartJob, reason: str) -> None:
         ev = Event.new(job_id=cmd.job_id, project=cmd.spec.project, attempt=cmd.attempt, seq=1, source="runner",
@@ -128,6 +176,28 @@ class Runner:
         if job is not None:
             log.info("cancelling job %s: %s", cmd.job_id, cmd.reason)
             job.cancel(cmd.reason)
+
+    async def watch_cancels(self, stop: asyncio.Event) -> None:
+        """Apply the KV cancel marks to running jobs: at once after a reconnect, else every ``cancel_check_s``.
+
+        The core ``CancelJob`` message is the fast path but at most once: a runner reconnecting at that moment
+        never sees it. The mark is durable, so this reaches a running attempt whatever the timing.
+        """
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._recheck.wait(), self.settings.cancel_check_s)
+            self._recheck.clear()
+            for job_id, job in list(self.jobs.items()):
+                if job.cancel_reason is not None:
+                    continue
+                try:
+                    reason = await self._cancel_mark(job_id)
+                except Exception as exc:  # noqa: BLE001 - bus trouble: the next pass (or reconnect) tries again
+                    log.warning("cannot read the cancel mark of %s: %s", job_id, exc)
+                    continue
+                if reason is not None and self.jobs.get(job_id) is job:
+                    log.info("cancelling job %s (KV mark): %s", job_id, reason)
+                    job.cancel(reason)
 
     async def drain(self, grace_s: float) -> None:
         """Stop taking work; give running jobs ``grace_s`` to finish, then hand them back for another runner."""

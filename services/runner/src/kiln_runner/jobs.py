@@ -120,6 +120,8 @@ class RunningJob:
             beat.cancel()
 
     async def _train(self, host: str, data: Resolved) -> Outcome:
+        if self.cancel_reason is not None:  # cancelled while its dataset was resolved: never spawn it
+            return Outcome(JobStatus.cancelled, ExitClass.cancelled, self.cancel_reason)
         (self.dir / "job.json").write_text(self.cmd.model_dump_json(indent=2))
         env = self._env(data.data)
         t0 = time.perf_counter()

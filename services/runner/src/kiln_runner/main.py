@@ -23,15 +23,21 @@ async def _raw(msg):  # type: ignore[no-untyped-def]
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
-    broker = NatsBroker(settings.nats_url, max_reconnect_attempts=-1, name=f"kiln-runner-{settings.runner_id}")
+    cancels_missed = asyncio.Event()
+
+    async def reconnected() -> None:  # a cancel message sent while we were away is lost: read the marks again
+        cancels_missed.set()
+
+    broker = NatsBroker(settings.nats_url, max_reconnect_attempts=-1, name=f"kiln-runner-{settings.runner_id}",
+                        reconnected_cb=reconnected)
     nc = await broker.connect()
     js = nc.jetstream()
     await streams.ensure_streams(js)
     consumer = streams.runner_consumer(settings.pool, max_ack_pending=1000, ack_wait=settings.ack_wait_s)
     await js.add_consumer(streams.JOBS.name or "", consumer)
     registry, leases = await open_buckets(js)
-    runner = Runner(settings, nc, await js.key_value(streams.CLAIMS_BUCKET), registry)
-    reaper_stop = asyncio.Event()
+    runner = Runner(settings, nc, await js.key_value(streams.CLAIMS_BUCKET), registry, recheck=cancels_missed)
+    reaper_stop = asyncio.Event()  # also ends the cancel watch: both run until the running jobs are drained
     reaper = Reaper(js, registry, leases, settings.runner_id, lost_after_s=settings.lost_after_s,
                     lease_s=settings.reaper_lease_s)
     reaper_task = asyncio.create_task(reaper.run(reaper_stop)) if settings.reaper else None
@@ -51,6 +57,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         await runner.on_start(msg)
 
     cancel_sub = await nc.subscribe(subjects.CANCEL_ALL, cb=runner.on_cancel)
+    cancel_watch = asyncio.create_task(runner.watch_cancels(reaper_stop))
     await broker.start()
     log.info("runner %s up: pool %s, %d slot(s)", settings.runner_id, settings.pool, settings.slots)
     await stop.wait()
@@ -62,6 +69,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     reaper_stop.set()
     if reaper_task:
         await reaper_task
+    cancel_watch.cancel()
     await cancel_sub.unsubscribe()
     await broker.stop()
 

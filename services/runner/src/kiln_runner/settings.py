@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = 5.0
     cancel_grace_s: float = 20.0  # after a cancel: time to stop at a batch boundary and checkpoint, then SIGTERM
     kill_grace_s: float = 5.0  # after SIGTERM: then SIGKILL to the whole process group
+    cancel_check_s: float = Field(5.0, gt=0, description="How often running jobs' KV cancel marks are read (and at "
+                                  "once after a reconnect): a cancel message missed while away still arrives.")
     shutdown_grace_s: float = 30.0
     log_flush_s: float = 0.1
     ack_wait_s: float = 60.0
