@@ -42,18 +42,20 @@ async def fetch(url: str, subject: str) -> list[Event]:
 
 
 def run_trainer(tmp_path: Path, nats_url: str, dataset: Path, train: TrainArgs, timeout: float = 240,
-                model: str = "yolov8n.yaml", cancel: bool = False) -> tuple[str, subprocess.CompletedProcess[str]]:
-    job_id = f"tr-{uuid.uuid4().hex[:10]}"
-    job_dir = tmp_path / "job"
+                model: str = "yolov8n.yaml", cancel: bool = False, *, job_id: str | None = None, attempt: int = 1,
+                env: dict[str, str] | None = None) -> tuple[str, subprocess.CompletedProcess[str]]:
+    job_id = job_id or f"tr-{uuid.uuid4().hex[:10]}"
+    job_dir = tmp_path / ("job" if attempt == 1 else f"job-{attempt}")
     job_dir.mkdir()
     if cancel:
         (job_dir / "cancel").touch()
-    spec = StartJob(job_id=job_id, spec=JobSpec(project=PROJECT, model=model, dataset=str(dataset), train=train))
+    spec = StartJob(job_id=job_id, attempt=attempt,
+                    spec=JobSpec(project=PROJECT, model=model, dataset=str(dataset), train=train))
     (job_dir / "start.json").write_text(spec.model_dump_json())
     env = {
-        **os.environ, "KILN_JOB_ID": job_id, "KILN_PROJECT": PROJECT, "KILN_ATTEMPT": "1",
+        **os.environ, "KILN_JOB_ID": job_id, "KILN_PROJECT": PROJECT, "KILN_ATTEMPT": str(attempt),
         "KILN_NATS_URL": nats_url, "KILN_JOB_DIR": str(job_dir), "KILN_JOB_SPEC": str(job_dir / "start.json"),
-        "KILN_DATASET": str(dataset), "OMP_NUM_THREADS": "2",
+        "KILN_DATASET": str(dataset), "OMP_NUM_THREADS": "2", **(env or {}),
     }
     proc = subprocess.run([sys.executable, "-m", "kiln_trainer_ultralytics"], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=job_dir, start_new_session=True)
@@ -155,3 +157,35 @@ def test_a_dataset_download_entry_never_runs(nats_url: str, tmp_path: Path, payl
     last = kiln_line(proc.stderr)
     assert last == f"kiln: dataset {data}: the 'val' split {data.parent / 'images' / 'val'} does not exist", last
 
+
+
+@pytest.mark.e2e
+async def test_a_stopped_attempt_leaves_a_resumable_checkpoint_and_the_next_attempt_goes_on_from_it(
+        nats_url: str, tmp_path: Path) -> None:
+    """Ultralytics strips last.pt when a stopped training ends (epoch -1, no optimizer): the attempt that Kiln
+    stops (cancel, hand-back) must leave a full-state copy in the artifact store, named in resume.json."""
+    import hashlib
+    import json
+
+    import torch
+
+    await ensure(nats_url)
+    data = make_detection_dataset(tmp_path / "data", n_train=8, n_val=4, imgsz=64)
+    store = tmp_path / "store"
+    env = {"KILN_ARTIFACT_DIR": str(store), "KILN_CHECKPOINT_INTERVAL_S": "3600"}
+    job_id, proc = run_trainer(tmp_path, nats_url, data, TrainArgs(**{**TINY, "epochs": 3}), cancel=True, env=env)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "job" / "resume.json").read_text())
+    assert record["epoch"] == 1 and record["name"] == "resume-epoch1.pt"
+    stored = Path(record["uri"])
+    assert stored.is_relative_to(store) and hashlib.sha256(stored.read_bytes()).hexdigest() == record["sha256"]
+    full = torch.load(stored, weights_only=False)
+    assert full["epoch"] == 0 and full["optimizer"] is not None
+    stripped = torch.load(tmp_path / "job" / "train" / "weights" / "last.pt", weights_only=False)
+    assert stripped["epoch"] == -1  # what the next attempt used to resume from
+
+    _, proc = run_trainer(tmp_path, nats_url, data, TrainArgs(**{**TINY, "epochs": 3}), job_id=job_id, attempt=2,
+                          env={**env, "KILN_RESUME": str(stored)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = await fetch(nats_url, subjects.job_events(job_id))
+    assert [(e.attempt, e.data.epoch) for e in events if e.data.kind == "epoch"] == [(1, 1), (2, 2), (2, 3)]

@@ -151,7 +151,12 @@ class StartJob(BaseModel):
     attempt: int = Field(1, ge=1, description="Attempt number, 1 for the first run.")
     spec: JobSpec = Field(..., description="The job's specification.")
     issued_at: datetime = Field(default_factory=utcnow, description="When the API issued the command.")
-    resume_from: str | None = Field(None, description="Checkpoint to resume from (a retried attempt).")
+    resume_from: str | None = Field(
+        None, description="Checkpoint to resume from (a retried attempt): where the artifact store holds the earlier "
+                          "attempt's resumable checkpoint (s3:// URI or a path in the runners' artifact folder).")
+    resume_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 the fetched checkpoint must have; else the attempt fails.")
+    resume_epoch: int | None = Field(None, ge=1, description="Last epoch the checkpoint holds (training goes on after it).")
 
     @property
     def subject(self) -> str:

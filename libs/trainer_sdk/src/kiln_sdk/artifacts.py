@@ -36,12 +36,17 @@ from .context import JobContext
 CHUNK = 256 << 10
 
 
+OnStored = Callable[[dict[str, Any]], None]
+
+
 @dataclass
 class _Request:
     path: Path
     name: str
     epoch: int | None
     version: tuple[int, int, int] | None  # (inode, size, mtime_ns) when it was requested
+    on_stored: OnStored | None = None  # called with the announced payload once the store took it
+    prune: tuple[str, ...] = ()  # names in the store that this one replaces: deleted once it is stored
 
 
 def _version(path: Path) -> tuple[int, int, int]:
@@ -79,6 +84,9 @@ class Store:
         """Where the copy of ``name`` is written while it is hashed (only when :attr:`needs_copy`)."""
         raise NotImplementedError
 
+    def delete(self, name: str) -> None:
+        """Remove ``name`` from the store (nothing to do when files stay where they are)."""
+
 
 class DirStore(Store):
     """A local (or mounted) folder: ``<root>/<project>/<job_id>/<attempt>/<name>``."""
@@ -97,6 +105,9 @@ class DirStore(Store):
         dest = self.folder / name
         os.replace(staged, dest)
         return str(dest)
+
+    def delete(self, name: str) -> None:
+        (self.folder / name).unlink(missing_ok=True)
 
 
 class S3Store(Store):
@@ -148,6 +159,9 @@ class S3Store(Store):
             staged.unlink(missing_ok=True)
         return f"s3://{self.bucket}/{key}"
 
+    def delete(self, name: str) -> None:
+        self.client().delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")
+
     def _multipart(self, client: Any, key: str, fh: BinaryIO, meta: dict[str, Any]) -> None:
         upload = client.create_multipart_upload(Bucket=self.bucket, Key=key, **meta)["UploadId"]
         try:
@@ -197,8 +211,13 @@ class ArtifactWorker:
         self.superseded = 0
         self.failed = 0
 
-    def add(self, path: str | os.PathLike[str], name: str | None = None, epoch: int | None = None) -> None:
-        """Queue ``path`` (training thread: one ``stat``, no reading)."""
+    def add(self, path: str | os.PathLike[str], name: str | None = None, epoch: int | None = None,
+            on_stored: OnStored | None = None, prune: tuple[str, ...] = ()) -> None:
+        """Queue ``path`` (training thread: one ``stat``, no reading).
+
+        ``on_stored`` is called (on the worker thread) with the announced payload once the store holds the file;
+        ``prune`` names older artifacts of this attempt that it replaces, deleted from the store after that.
+        """
         p = Path(path).resolve()
         try:
             version: tuple[int, int, int] | None = _version(p)
@@ -210,7 +229,7 @@ class ArtifactWorker:
                 return
             if self._pending.pop(p, None) is not None:
                 self.superseded += 1  # the older version is gone anyway: it was rewritten in place
-            self._pending[p] = _Request(p, name or p.name, epoch, version)
+            self._pending[p] = _Request(p, name or p.name, epoch, version, on_stored, tuple(prune))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._main, name="kiln-sdk-artifacts", daemon=True)
                 start_thread(self._thread)
@@ -302,10 +321,12 @@ class ArtifactWorker:
         digest, size, staged = got
         uri = str(req.path)
         delay = 0.5
+        stored = False
         for attempt in range(self.retries):
             try:
                 uri = self.store.put(staged, req.path, req.name, digest, req.epoch)
                 self.stored += 1
+                stored = True
                 break
             except Exception as exc:  # noqa: BLE001 - the store is down: retry, then announce the local file
                 if attempt + 1 == self.retries:
@@ -322,5 +343,12 @@ class ArtifactWorker:
                     digest, size, staged = got
                 time.sleep(delay)
                 delay *= 2
-        self.submit(("artifact", time.time(), {"name": req.name, "uri": uri, "size": size, "sha256": digest,
-                                               "epoch": req.epoch}))
+        payload = {"name": req.name, "uri": uri, "size": size, "sha256": digest, "epoch": req.epoch}
+        self.submit(("artifact", time.time(), payload))
+        if stored and req.on_stored is not None:
+            req.on_stored(dict(payload))
+        for name in req.prune if stored else ():
+            try:
+                self.store.delete(name)
+            except Exception as exc:  # noqa: BLE001 - a leftover file costs space, not correctness
+                warn_once(f"prune:{type(exc).__name__}", f"could not delete the replaced artifact {name}: {exc!r}")

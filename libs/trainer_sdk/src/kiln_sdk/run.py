@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -98,12 +98,15 @@ class Run:
         """
         self._submit("epoch", {"epoch": epoch, "epochs": epochs, "metrics": dict(metrics), "epoch_time": epoch_time})
 
-    def artifact(self, path: str | os.PathLike[str], name: str | None = None, epoch: int | None = None) -> None:
+    def artifact(self, path: str | os.PathLike[str], name: str | None = None, epoch: int | None = None,
+                 on_stored: Callable[[dict[str, Any]], None] | None = None, prune: tuple[str, ...] = ()) -> None:
         """Store and announce a file (``ArtifactStored``: name, ``uri`` where it is stored, size, SHA-256, epoch).
 
         Returns at once: a background thread hashes the file, copies or uploads it to the configured store
         (see :mod:`kiln_sdk.artifacts`) and then reports it.  A file rewritten before its turn is stored once, in
-        its newest version.  :meth:`flush` and :meth:`finish` wait for the queued artifacts.
+        its newest version.  :meth:`flush` and :meth:`finish` wait for the queued artifacts.  ``on_stored`` is
+        called (on that thread) with the announced fields once the store holds the file; ``prune`` names earlier
+        artifacts of this attempt that it replaces, deleted from the store after that.
 
         Example:
             >>> run.artifact("runs/train/weights/last.pt", epoch=3)  # doctest: +SKIP
@@ -113,7 +116,7 @@ class Run:
                 with self._artifacts_lock:
                     if self._artifacts is None:
                         self._artifacts = ArtifactWorker(store_from_context(self.context), self._submit_at)
-            self._artifacts.add(path, name, epoch)
+            self._artifacts.add(path, name, epoch, on_stored, prune)
         except Exception as exc:  # noqa: BLE001
             warn_once(f"artifact:{path}", f"artifact {path} not reported: {exc!r}")
 

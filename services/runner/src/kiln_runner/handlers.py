@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from kiln_contracts.service import dead_letter
 from kiln_contracts import CancelJob, Event, ExitClass, JobFinished, JobStatus, StartJob, utcnow
 
+from .adapters.checkpoints import CheckpointFetcher
 from .adapters.datasets import DatasetCache
 from .domain import JobRef, invalid_reason, job_of_invalid_start
 from .jobs import RunningJob
@@ -32,6 +33,8 @@ class Runner:
         self.settings, self.nc, self.kv, self.registry = settings, nc, kv, registry
         self.datasets = DatasetCache(settings.dataset_cache or settings.work_dir / "datasets", self._s3_client,
                                      settings.s3_allowed_buckets)
+        roots = [p for p in (settings.artifact_dir, settings.work_dir) if p is not None]
+        self.checkpoints = CheckpointFetcher(roots, settings.artifact_s3_uri, self._artifact_s3_client)
         self.js = nc.jetstream()
         self.slots = Slots(settings.slots)
         self.jobs: dict[str, RunningJob] = {}
@@ -60,7 +63,7 @@ class Runner:
             await msg.nack()
             return
         slot = await self.slots.take()  # immediate: this handler only runs while a slot is free
-        job = RunningJob(cmd, self.settings, self.js, slot, self.registry, self.datasets)
+        job = RunningJob(cmd, self.settings, self.js, slot, self.registry, self.datasets, self.checkpoints)
         # Enter the running registry before the permanent claim: if this runner dies in between, the reaper
         # finds the entry going stale and retries or marks the attempt lost; it never stays "starting".
         try:
@@ -106,6 +109,11 @@ class Runner:
         import boto3  # credentials: the runner's environment / AWS config, never the job
 
         return boto3.client("s3", endpoint_url=self.settings.s3_endpoint_url, region_name=self.settings.s3_region)
+
+    def _artifact_s3_client(self):  # type: ignore[no-untyped-def]
+        import boto3  # the runner's own credentials: it fetches checkpoints its trainers stored
+
+        return boto3.client("s3", endpoint_url=self.settings.artifact_s3_endpoint, region_name=self.settings.s3_region)
 
     async def _run(self, job: RunningJob, slot: int) -> None:
         try:

@@ -20,6 +20,7 @@ from kiln_contracts import (
 )
 
 from .adapters import process
+from .adapters.checkpoints import CheckpointError, CheckpointFetcher, read_record, resume_fields
 from .adapters.datasets import DatasetCache, DatasetError, Resolved
 from .adapters.events import JobEvents
 from .domain import Outcome, classify_exit
@@ -32,10 +33,13 @@ _SCRUB_PREFIXES = ("KILN_RUNNER_", "KILN_API_", "KILN_WRITER_", "KILN_NOTIFIER_"
 
 class RunningJob:
     def __init__(self, cmd: StartJob, settings: Settings, js: JetStreamContext, slot: int,
-                 registry: KeyValue | None = None, datasets: DatasetCache | None = None) -> None:
+                 registry: KeyValue | None = None, datasets: DatasetCache | None = None,
+                 checkpoints: CheckpointFetcher | None = None) -> None:
         self.cmd, self.settings, self.js, self.slot = cmd, settings, js, slot
         self.registry = registry
         self.datasets = datasets or DatasetCache(settings.work_dir / "datasets")
+        self.checkpoints = checkpoints
+        self.resume_path: Path | None = None  # the fetched checkpoint this attempt resumes from
         self.spawn_ms: float | None = None
         self._reg_rev = 0
         self._reg_lock = asyncio.Lock()
@@ -65,6 +69,8 @@ class RunningJob:
             outcome = await self._run(host)
         except DatasetError as exc:
             outcome = Outcome(JobStatus.failed, ExitClass.user_error, str(exc))
+        except CheckpointError as exc:
+            outcome = Outcome(JobStatus.failed, ExitClass.infrastructure, str(exc))
         except Exception as exc:  # noqa: BLE001 - a runner bug or a broken host must still end the job
             log.exception("job %s failed in the runner", self.cmd.job_id)
             outcome = Outcome(JobStatus.failed, ExitClass.infrastructure, f"runner error: {exc}")
@@ -95,8 +101,8 @@ class RunningJob:
             env["CUDA_VISIBLE_DEVICES"] = self.settings.gpus[self.slot % len(self.settings.gpus)]
         else:
             env.setdefault("CUDA_VISIBLE_DEVICES", "")
-        if self.cmd.resume_from:
-            env["KILN_RESUME"] = self.cmd.resume_from
+        if self.resume_path is not None:
+            env["KILN_RESUME"] = str(self.resume_path)
         s = self.settings
         for key, value in (("KILN_ARTIFACT_DIR", s.artifact_dir), ("KILN_ARTIFACT_S3_URI", s.artifact_s3_uri),
                            ("KILN_ARTIFACT_S3_ENDPOINT", s.artifact_s3_endpoint)):
@@ -115,6 +121,7 @@ class RunningJob:
         try:
             data = await self.datasets.resolve(self.cmd.spec.dataset, self.cmd.spec.task.value,
                                                lambda line: self.events.line(line, "runner"))
+            await self._fetch_checkpoint()
             return await self._train(host, data)
         finally:
             beat.cancel()
@@ -135,7 +142,8 @@ class RunningJob:
                   "dataset_files": data.files, "dataset_cached": data.cached, "slot": self.slot,
                   "spawn_ms": round(self.spawn_ms, 2), "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES", ""),
                   "seed": self.cmd.spec.train.seed, "host": host, "runner": self.settings.runner_id,
-                  "resume_from": self.cmd.resume_from, **{f"version_{k}": v for k, v in versions().items()}}
+                  "resume_from": self.cmd.resume_from, "resume_epoch": self.cmd.resume_epoch,
+                  **{f"version_{k}": v for k, v in versions().items()}}
         await self.events.emit(JobStatusChanged(status=JobStatus.running, runner=self.settings.runner_id, host=host,
                                                 reason=f"trainer pid {self.proc.pid} on {host}", details=record))
         assert self.proc.stdout and self.proc.stderr
@@ -157,10 +165,23 @@ class RunningJob:
         return classify_exit(self.proc.returncode or 0, list(self.events.tail), cancelled=self.cancel_reason is not None,
                              timed_out=timed_out, cancel_reason=self.cancel_reason or "")
 
+    async def _fetch_checkpoint(self) -> None:
+        """Bring the earlier attempt's stored checkpoint here and check its SHA-256 (resumed attempts only)."""
+        uri = self.cmd.resume_from
+        if not uri:
+            return
+        if self.checkpoints is None:
+            raise CheckpointError(f"resume checkpoint {uri}: this runner cannot fetch checkpoints")
+        self.events.line(f"kiln: fetching the checkpoint of epoch {self.cmd.resume_epoch or '?'} from {uri}", "runner")
+        self.resume_path = await self.checkpoints.fetch(uri, self.cmd.resume_sha256, self.dir / "resume")
+        digest = self.cmd.resume_sha256 or "not recorded"
+        self.events.line(f"kiln: resuming from {self.resume_path.name} (SHA-256 {digest})", "runner")
+
     async def _requeue(self, why: str) -> None:
-        """Publish the next attempt (resuming from the last checkpoint) for another runner; no terminal event."""
-        nxt = self.cmd.model_copy(update={"attempt": self.cmd.attempt + 1, "issued_at": utcnow(),
-                                          "resume_from": self._checkpoint() or self.cmd.resume_from})
+        """Publish the next attempt (resuming from the last stored checkpoint) for another runner; no terminal event."""
+        resume = resume_fields(self._checkpoint()) or {
+            k: getattr(self.cmd, k) for k in ("resume_from", "resume_sha256", "resume_epoch")}
+        nxt = self.cmd.model_copy(update={"attempt": self.cmd.attempt + 1, "issued_at": utcnow(), **resume})
         await self.js.publish(nxt.subject, nxt.model_dump_json().encode(), headers={"Nats-Msg-Id": nxt.msg_id})
         ev = Event.new(job_id=nxt.job_id, project=nxt.spec.project, attempt=nxt.attempt, seq=1, source="runner",
                        data=JobStatusChanged(status=JobStatus.queued, reason=f"{why} as attempt {nxt.attempt}"))
@@ -188,9 +209,9 @@ class RunningJob:
     def registry_key(self) -> str:
         return f"{self.cmd.job_id}.{self.cmd.attempt}"
 
-    def _checkpoint(self) -> str | None:
-        last = self.dir / "train" / "weights" / "last.pt"
-        return str(last) if last.exists() else None
+    def _checkpoint(self) -> dict | None:
+        """The stored resumable checkpoint the trainer named (``resume.json``), if any."""
+        return read_record(self.dir)
 
     async def register(self) -> bool:
         """Enter the running registry; False when the attempt is already held there (a duplicate delivery)."""

@@ -17,6 +17,8 @@ from nats.js.kv import KeyValue
 
 from kiln_contracts import Event, ExitClass, JobFinished, JobStatus, JobStatusChanged, StartJob, streams, utcnow
 
+from .adapters.checkpoints import resume_fields
+
 log = logging.getLogger("kiln.reaper")
 
 
@@ -107,11 +109,14 @@ class Reaper:
         runner = rec.get("runner", "?")
         why = f"runner {runner} stopped sending heartbeats"
         if cmd.attempt < cmd.spec.max_attempts:
-            retry = cmd.model_copy(update={"attempt": cmd.attempt + 1, "issued_at": utcnow(),
-                                           "resume_from": rec.get("checkpoint")})
+            stored = rec.get("checkpoint") if isinstance(rec.get("checkpoint"), dict) else None
+            resume = resume_fields(stored) or {k: getattr(cmd, k) for k in ("resume_from", "resume_sha256",
+                                                                             "resume_epoch")}
+            retry = cmd.model_copy(update={"attempt": cmd.attempt + 1, "issued_at": utcnow(), **resume})
             await self.js.publish(retry.subject, retry.model_dump_json().encode(), headers={"Nats-Msg-Id": retry.msg_id})
-            data = JobStatusChanged(status=JobStatus.queued, reason=f"attempt {cmd.attempt} lost ({why}); retrying"
-                                    + (f" from {retry.resume_from}" if retry.resume_from else ""))
+            where = f" from epoch {retry.resume_epoch} ({retry.resume_from})" if retry.resume_from else ""
+            data = JobStatusChanged(status=JobStatus.queued,
+                                    reason=f"attempt {cmd.attempt} lost ({why}); retrying{where}")
             await self._event(retry, data, f"{cmd.job_id}-{retry.attempt}-queued")
             log.warning("job %s attempt %s lost (%s); retry as attempt %s", cmd.job_id, cmd.attempt, why, retry.attempt)
         else:

@@ -26,6 +26,7 @@ from typing import Any
 from .. import current, init
 from .._events import warn_once
 from ..run import Run
+from . import _resume
 
 PROGRESS_INTERVAL_S = 0.25
 """Minimum seconds between two progress events (and two checks of the cancel file)."""
@@ -61,6 +62,10 @@ class _State:
         self.announced_at: dict[Path, float] = {}  # checkpoint -> monotonic time it was last announced
         self.written: dict[Path, tuple[tuple[int, int], int | None]] = {}  # checkpoint -> (key, epoch that saved it)
         self.stop_logged = False
+        self.kiln_stop = False  # Kiln (cancel, hand-back) asked the trainer to stop
+        self.resume_at = self.started  # when the last resumable copy was stored (the first waits one interval)
+        self.resume_epoch = 0
+        self.resume_copies = _resume.Copies()
 
 
 _states: "weakref.WeakKeyDictionary[Any, _State]" = weakref.WeakKeyDictionary()
@@ -100,6 +105,7 @@ def _guard(fn: Any) -> Any:
 def _check_cancel(trainer: Any, st: _State, where: str) -> None:
     if _run().should_stop():
         trainer.stop = True
+        st.kiln_stop = True
         if not st.stop_logged:
             st.stop_logged = True
             _run().log(f"cancel requested: stopping after this {where}, then saving")
@@ -121,6 +127,8 @@ def _announce_checkpoints(trainer: Any, epoch: int | None, final: bool = False) 
     now = time.monotonic()
     interval = 0.0 if final else _checkpoint_interval()
     for path in sorted(wdir.glob("*.pt")):
+        if _resume.is_resume_file(path):
+            continue  # stored by _store_resume
         stat = path.stat()
         key = (stat.st_mtime_ns, stat.st_size)
         if not final and st.written.get(path, (None, None))[0] != key:
@@ -136,6 +144,26 @@ def _announce_checkpoints(trainer: Any, epoch: int | None, final: bool = False) 
         st.announced_at[path] = now
         # At the end Ultralytics rewrites last.pt and best.pt without the optimizer: same weights, same epoch.
         _run().artifact(path, name=path.name, epoch=st.written.get(path, (None, epoch))[1])
+
+
+def _store_resume(trainer: Any, st: _State, epoch: int, *, now: bool = False) -> None:
+    """Copy the full-state ``last.pt`` of ``epoch`` and store it for the next attempt (see :mod:`._resume`).
+
+    While training at most once per checkpoint interval; ``now`` when Kiln asked the trainer to stop.
+    """
+    last = Path(getattr(trainer, "last", "") or "")
+    if epoch <= st.resume_epoch or epoch >= trainer.epochs or not last.is_file():
+        return  # nothing newer, or the last epoch: there is nothing left to resume after it
+    t = time.monotonic()
+    if not now and t - st.resume_at < _checkpoint_interval():
+        return
+    copy = _resume.snapshot(last, epoch)
+    st.resume_at, st.resume_epoch = t, epoch
+    run = _run()
+    job_dir = run.context.job_dir.resolve()
+    stale = [p.name for p in st.resume_copies.add(copy, t)]
+    run.artifact(copy, name=copy.name, epoch=epoch, on_stored=lambda p: _resume.write_record(job_dir, p),
+                 prune=tuple(stale))
 
 
 @_guard
@@ -200,6 +228,7 @@ def on_model_save(trainer: Any) -> None:
     """Announce ``last.pt``, ``best.pt`` (and ``epochN.pt``) when they changed (throttled, see
     :data:`CHECKPOINT_INTERVAL_ENV`)."""
     _announce_checkpoints(trainer, trainer.epoch + 1)
+    _store_resume(trainer, _state(trainer), trainer.epoch + 1)
 
 
 @_guard
@@ -223,6 +252,8 @@ def on_fit_epoch_end(trainer: Any) -> None:
     st.last_epoch = trainer.epoch + 1
     _check_cancel(trainer, st, "epoch")  # before the event, as in on_train_batch_end
     run.epoch(st.last_epoch, trainer.epochs, metrics, trainer.epoch_time)
+    if st.kiln_stop:  # the last save before Ultralytics strips last.pt: the next attempt resumes from it
+        _store_resume(trainer, st, st.last_epoch, now=True)
 
 
 @_guard
