@@ -271,3 +271,35 @@ async def test_a_trainer_that_raises_reports_its_exception_as_the_reason(bus, ru
     assert (fin.status, fin.exit_code, fin.exit_class) == (JobStatus.failed, 1, ExitClass.user_error)
     assert fin.reason == "trainer failed: ValueError: Seed must be between 0 and 2**32 - 1 (exit code 1)"
     assert fin.last_logs[-1] == "ValueError: Seed must be between 0 and 2**32 - 1"
+
+
+async def test_a_failure_in_retry_on_is_retried_after_its_backoff_and_a_user_error_never(nats_server, tmp_path):
+    """Out of memory twice, then fine: three attempts, 1 s then 2 s apart; a user error ends the job at once."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await streams.ensure_streams(js)
+    log = await EventLog().start(js)
+    data = tmp_path / "ds"
+    data.mkdir()
+    (data / "data.yaml").write_text("path: .\ntrain: images\nval: images\nnames: {0: a}\n")
+    r = RunnerProc(nats_server.url, tmp_path / "runners", "r", tmp_path / "fake.log", slots=2)
+    try:
+        await r.ready()
+        await publish_start(js, "oom", spec(str(data), seconds=0.5, name="oom-until-3", max_attempts=3, retry_backoff_s=1))
+        await publish_start(js, "usr", spec(str(data), seconds=0.5, name="user-error", max_attempts=3,
+                                            retry_on=["infrastructure", "out_of_memory", "killed"]))
+        await log.wait(lambda: log.finished("oom") and log.finished("usr"), timeout=60)
+        assert [(e.attempt, e.data.status) for e in log.finished("oom")] == [(3, JobStatus.completed)]
+        queued = [e for e in log.of("oom", "status") if e.data.status == JobStatus.queued]
+        assert [e.attempt for e in queued] == [2, 3]
+        assert "attempt 1 failed (out_of_memory: out of memory" in queued[0].data.reason
+        assert "retrying in 1s as attempt 2" in queued[0].data.reason and "retrying in 2s" in queued[1].data.reason
+        starts = {a: t for what, job, a, _, t in read_fake_log(tmp_path / "fake.log") if job == "oom" and what == "start"}
+        assert starts[2] - starts[1] >= 1.0 and starts[3] - starts[2] >= 2.0, starts
+        usr = log.finished("usr")
+        assert [(e.attempt, e.data.status, e.data.exit_class) for e in usr] == [
+            (1, JobStatus.failed, ExitClass.user_error)]
+    finally:
+        r.kill(signal.SIGKILL)
+        r.proc.wait()
+        await nc.close()

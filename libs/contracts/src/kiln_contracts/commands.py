@@ -17,6 +17,22 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class ExitClass(str, Enum):
+    """How an attempt ended, as the runner classifies it."""
+
+    ok = "ok"
+    user_error = "user_error"
+    out_of_memory = "out_of_memory"
+    killed = "killed"
+    cancelled = "cancelled"
+    timeout = "timeout"
+    infrastructure = "infrastructure"
+
+
+NEVER_RETRIED = frozenset({ExitClass.ok, ExitClass.user_error, ExitClass.cancelled})
+"""A user error fails the same way again; a cancel is what the user asked for."""
+
+
 class Task(str, Enum):
     detect = "detect"
     segment = "segment"
@@ -113,7 +129,28 @@ class JobSpec(BaseModel):
     )
     train: TrainArgs = Field(default_factory=TrainArgs, description="Ultralytics train arguments.")
     timeout_s: StrictInt = Field(24 * 3600, ge=10, le=30 * 24 * 3600, description="Wall-clock limit of one attempt.")
-    max_attempts: StrictInt = Field(1, ge=1, le=10, description="Attempts before the job is given up.")
+    max_attempts: StrictInt = Field(
+        1, ge=1, le=10, description="Attempts before the job is given up: a lost runner, a runner that shuts down, "
+                                    "or a failure of a class in retry_on starts the next attempt while attempts remain.")
+    retry_on: list[ExitClass] = Field(
+        default_factory=lambda: [ExitClass.infrastructure, ExitClass.out_of_memory],
+        description="Exit classes of a failed attempt that start the next one (while attempts remain); "
+                    "user_error and cancelled never do.")
+    retry_backoff_s: StrictFloat = Field(
+        30.0, ge=0, le=3600, allow_inf_nan=False,
+        description="Wait before retrying a failed attempt: this, doubled for each attempt already made (at most 1 h).")
+    dataset_snapshot: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="The dataset snapshot (SHA-256 of its manifest) the job must train on: a re-run pins its "
+                    "original's, and the runner fails the job when the dataset now resolves to another.")
+
+    @field_validator("retry_on")
+    @classmethod
+    def _retryable(cls, v: list[ExitClass]) -> list[ExitClass]:
+        bad = sorted(c.value for c in set(v) & NEVER_RETRIED)
+        if bad:
+            raise ValueError(f"{', '.join(bad)} cannot be retried")
+        return list(dict.fromkeys(v))
 
     @field_validator("model")
     @classmethod
@@ -157,6 +194,9 @@ class StartJob(BaseModel):
     resume_sha256: str | None = Field(
         None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 the fetched checkpoint must have; else the attempt fails.")
     resume_epoch: int | None = Field(None, ge=1, description="Last epoch the checkpoint holds (training goes on after it).")
+    not_before: datetime | None = Field(
+        None, description="A retry after a failure waits until then (its backoff); a runner that gets it earlier "
+                          "puts it back until that time.")
 
     @property
     def subject(self) -> str:

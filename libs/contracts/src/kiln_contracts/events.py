@@ -21,7 +21,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import subjects
-from .commands import SCHEMA_VERSION, JobSpec, utcnow
+from .commands import SCHEMA_VERSION, ExitClass, JobSpec, utcnow
 
 
 class JobStatus(str, Enum):
@@ -56,16 +56,6 @@ def status_wins(current: JobStatus | None, current_attempt: int, new: JobStatus,
     if new_attempt != current_attempt:
         return new_attempt > current_attempt
     return _RANK[new] > _RANK[current]
-
-
-class ExitClass(str, Enum):
-    ok = "ok"
-    user_error = "user_error"
-    out_of_memory = "out_of_memory"
-    killed = "killed"
-    cancelled = "cancelled"
-    timeout = "timeout"
-    infrastructure = "infrastructure"
 
 
 class _Payload(BaseModel):

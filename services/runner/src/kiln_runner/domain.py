@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from kiln_contracts import ExitClass, JobStatus
+from kiln_contracts import ExitClass, JobSpec, JobStatus
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 3
@@ -162,3 +162,27 @@ def invalid_reason(exc: Exception) -> str:
         more = f" (and {len(errors) - 2} more)" if len(errors) > 2 else ""
         return f"invalid start command: {'; '.join(parts)}{more}"
     return f"invalid start command: {str(exc)[:300]}"
+
+
+MAX_BACKOFF_S = 3600.0
+
+
+def retry_after(spec: JobSpec, attempt: int, outcome: Outcome) -> float | None:
+    """Seconds before the next attempt of a failed one, or ``None`` when this failure ends the job.
+
+    Retried: a failure whose class is in the job's ``retry_on`` (infrastructure and out of memory by default;
+    never a user error), while attempts remain; the wait doubles with each attempt made.
+
+    Example:
+        >>> spec = JobSpec(model="m.yaml", dataset="/d", max_attempts=3, retry_backoff_s=10)
+        >>> oom = Outcome(JobStatus.failed, ExitClass.out_of_memory, "CUDA out of memory")
+        >>> retry_after(spec, 1, oom), retry_after(spec, 2, oom), retry_after(spec, 3, oom)
+        (10.0, 20.0, None)
+        >>> retry_after(spec, 1, Outcome(JobStatus.failed, ExitClass.user_error, "bad dataset")) is None
+        True
+    """
+    if outcome.status != JobStatus.failed or outcome.exit_class not in spec.retry_on:
+        return None
+    if attempt >= spec.max_attempts:
+        return None
+    return min(MAX_BACKOFF_S, spec.retry_backoff_s * 2 ** (attempt - 1))

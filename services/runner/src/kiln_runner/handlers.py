@@ -62,6 +62,9 @@ class Runner:
         if self.draining:
             await msg.nack()
             return
+        if cmd.not_before is not None and (wait := (cmd.not_before - utcnow()).total_seconds()) > 0:
+            await msg.nack(delay=wait)  # a retry in its backoff: back on the queue until it is due
+            return
         slot = await self.slots.take()  # immediate: this handler only runs while a slot is free
         job = RunningJob(cmd, self.settings, self.js, slot, self.registry, self.datasets, self.checkpoints)
         # Enter the running registry before the permanent claim: if this runner dies in between, the reaper

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from nats.js import JetStreamContext
@@ -23,7 +24,7 @@ from .adapters import process
 from .adapters.checkpoints import CheckpointError, CheckpointFetcher, read_record, resume_fields
 from .adapters.datasets import DatasetCache, DatasetError, Resolved
 from .adapters.events import JobEvents
-from .domain import Outcome, classify_exit
+from .domain import Outcome, classify_exit, retry_after
 from .settings import Settings
 from .versions import versions
 
@@ -83,6 +84,11 @@ class RunningJob:
             log.warning("job %s attempt %s was taken over by the reaper; not reporting its end", self.cmd.job_id,
                         self.cmd.attempt)
             return outcome
+        delay = None if self.cancel_reason is not None else retry_after(self.cmd.spec, self.cmd.attempt, outcome)
+        if delay is not None:
+            await self._requeue(f"attempt {self.cmd.attempt} failed ({outcome.exit_class.value}: "
+                                f"{outcome.reason[:300]}); retrying in {delay:.0f}s", delay_s=delay)
+            return outcome
         code = self.proc.returncode if self.proc else None
         await self.events.emit(JobFinished(status=outcome.status, reason=outcome.reason, exit_code=code,
                                            exit_class=outcome.exit_class, last_logs=list(self.events.tail)))
@@ -121,6 +127,11 @@ class RunningJob:
         try:
             data = await self.datasets.resolve(self.cmd.spec.dataset, self.cmd.spec.task.value,
                                                lambda line: self.events.line(line, "runner"))
+            pinned = self.cmd.spec.dataset_snapshot
+            if pinned and data.snapshot != pinned:
+                raise DatasetError(f"dataset {self.cmd.spec.dataset} changed: it is now snapshot {data.snapshot}, "
+                                   f"this job is pinned to {pinned} (its original's); re-run with data=latest to "
+                                   "train on the current data")
             await self._fetch_checkpoint()
             return await self._train(host, data)
         finally:
@@ -177,11 +188,17 @@ class RunningJob:
         digest = self.cmd.resume_sha256 or "not recorded"
         self.events.line(f"kiln: resuming from {self.resume_path.name} (SHA-256 {digest})", "runner")
 
-    async def _requeue(self, why: str) -> None:
-        """Publish the next attempt (resuming from the last stored checkpoint) for another runner; no terminal event."""
+    async def _requeue(self, why: str, delay_s: float = 0.0) -> None:
+        """Publish the next attempt (resuming from the last stored checkpoint) for another runner; no terminal event.
+
+        ``delay_s``: the next attempt waits that long (a runner that gets it earlier puts it back until then).
+        """
         resume = resume_fields(self._checkpoint()) or {
             k: getattr(self.cmd, k) for k in ("resume_from", "resume_sha256", "resume_epoch")}
-        nxt = self.cmd.model_copy(update={"attempt": self.cmd.attempt + 1, "issued_at": utcnow(), **resume})
+        now = utcnow()
+        not_before = now + timedelta(seconds=delay_s) if delay_s > 0 else None
+        nxt = self.cmd.model_copy(update={"attempt": self.cmd.attempt + 1, "issued_at": now,
+                                          "not_before": not_before, **resume})
         await self.js.publish(nxt.subject, nxt.model_dump_json().encode(), headers={"Nats-Msg-Id": nxt.msg_id})
         ev = Event.new(job_id=nxt.job_id, project=nxt.spec.project, attempt=nxt.attempt, seq=1, source="runner",
                        data=JobStatusChanged(status=JobStatus.queued, reason=f"{why} as attempt {nxt.attempt}"))

@@ -30,14 +30,15 @@ class Bus:
     async def _event(self, ev: Event) -> None:
         await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers(), timeout=5)
 
-    async def publish_start(self, cmd: StartJob) -> None:
+    async def publish_start(self, cmd: StartJob, why: str | None = None) -> None:
         """Publish the start command (stored once per job attempt thanks to its message id) and ``queued``."""
         await self.js.publish(cmd.subject, cmd.model_dump_json().encode(), headers={"Nats-Msg-Id": cmd.msg_id},
                               timeout=5)
         await self._event(Event(
             id=f"{cmd.job_id}-{cmd.attempt}-queued", time=cmd.issued_at, job_id=cmd.job_id, project=cmd.spec.project,
             attempt=cmd.attempt, source="api", seq=1,
-            data=JobStatusChanged(status=JobStatus.queued, reason=f"waiting for a runner of pool {cmd.spec.pool}"),
+            data=JobStatusChanged(status=JobStatus.queued, reason=(f"{why}; " if why else "")
+                                  + f"waiting for a runner of pool {cmd.spec.pool}"),
         ))
 
     async def request_cancel(self, job_id: str, project: str, attempt: int, reason: str, queued: bool) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import ValidationError
@@ -40,7 +40,7 @@ def _recorded_spec(job: dict[str, Any]) -> JobSpec:
                                  "create a new job instead") from exc
 
 
-async def _start(conn: ConnDep, bus: BusDep, job: dict[str, Any]) -> None:
+async def _start(conn: ConnDep, bus: BusDep, job: dict[str, Any], why: str | None = None) -> None:
     if job["attempt"] > 0:
         raise HTTPException(409, f"job {job['id']} was already started (status {job['status']}); re-run it instead")
     if job.get("cancel_requested_at") is not None or JobStatus(job["status"]).terminal:
@@ -51,7 +51,7 @@ async def _start(conn: ConnDep, bus: BusDep, job: dict[str, Any]) -> None:
         raise HTTPException(409, f"job {job['id']} was already started")
     await conn.commit()  # durable before publishing; the sweeper republishes if the publish below is lost
     try:
-        await bus.publish_start(cmd)
+        await bus.publish_start(cmd, why)
     except Exception as exc:  # noqa: BLE001 - accepted anyway: the sweeper retries with the same message id
         log.warning("start of %s not published yet (%s); the sweeper will retry", job["id"], exc)
 
@@ -88,12 +88,27 @@ async def cancel_job(job_id: str, conn: ConnDep, bus: BusDep) -> dict[str, Any]:
 
 
 @router.post("/{job_id}/rerun", status_code=201, response_model=JobDetail)
-async def rerun_job(job_id: str, conn: ConnDep, bus: BusDep) -> dict[str, Any]:
-    """Start a new job with exactly the same recorded spec."""
+async def rerun_job(
+    job_id: str, conn: ConnDep, bus: BusDep,
+    data: Annotated[Literal["pinned", "latest"], Query(
+        description="pinned (default): the new job must train on the dataset snapshot the original recorded, and "
+                    "fails with both hashes if the dataset changed since; latest: train on the data as it is now.",
+    )] = "pinned",
+) -> dict[str, Any]:
+    """Start a new job with exactly the same recorded spec (and, by default, the same dataset snapshot)."""
     job = await _job_or_404(conn, job_id)
-    new_id = await jobs_repo.insert_job(conn, _recorded_spec(job), rerun_of=job_id)
+    spec = _recorded_spec(job)
+    recorded = (job.get("details") or {}).get("dataset_snapshot") or spec.dataset_snapshot
+    if data == "pinned":
+        spec = spec.model_copy(update={"dataset_snapshot": recorded})
+        why = (f"re-run of {job_id} on its dataset snapshot {recorded[:12]}" if recorded else
+               f"re-run of {job_id}, which recorded no dataset snapshot: the data is not pinned")
+    else:
+        spec = spec.model_copy(update={"dataset_snapshot": None})
+        why = f"re-run of {job_id} on the current data" + (f" ({job_id} trained on {recorded[:12]})" if recorded else "")
+    new_id = await jobs_repo.insert_job(conn, spec, rerun_of=job_id)
     await conn.commit()
-    await _start(conn, bus, await _job_or_404(conn, new_id))
+    await _start(conn, bus, await _job_or_404(conn, new_id), why=why)
     return await _detail(conn, new_id)
 
 

@@ -16,7 +16,8 @@ const PLACEHOLDERS = {"train.device": "runner's choice", dataset: "/path/to/data
 const MODELS = ["yolov8n.yaml", "yolo11n.yaml", "yolov8s.yaml", "yolov8n-cls.yaml", "yolov8n-seg.yaml",
   "yolov8n-pose.yaml", "yolov8n.pt", "yolo11n.pt"];
 const LABELS = {imgsz: "image size", lr0: "initial LR", lrf: "final LR factor", nbs: "nominal batch",
-  timeout_s: "timeout (s)", max_attempts: "max attempts", hsv_h: "HSV hue", hsv_s: "HSV saturation",
+  timeout_s: "timeout (s)", max_attempts: "max attempts", retry_on: "retry on", retry_backoff_s: "retry backoff (s)",
+  dataset_snapshot: "dataset snapshot (pin)", hsv_h: "HSV hue", hsv_s: "HSV saturation",
   hsv_v: "HSV value", cos_lr: "cosine LR schedule", single_cls: "single class", save_period: "save period",
   close_mosaic: "close mosaic", warmup_epochs: "warm-up epochs", weight_decay: "weight decay", pool: "runner pool",
   fliplr: "flip left-right", flipud: "flip up-down", amp: "AMP (mixed precision)", val: "validate",
@@ -39,8 +40,10 @@ export function describeFields(openapi) {
         nullable = p.anyOf.some((a) => a.type === "null");
         p = {...deref(p.anyOf.find((a) => a.type !== "null")), ...p, anyOf: undefined};
       }
+      const items = p.type === "array" && p.items ? deref(p.items) : null;  // a list of choices: several of an enum
       fields.set(path, {path, name, label: LABELS[name] || name.replace(/_/g, " "), description: p.description,
-        type: p.enum ? "enum" : p.type, options: p.enum, default: p.default, required: required.has(name),
+        type: items?.enum ? "choices" : p.enum ? "enum" : p.type, options: items?.enum || p.enum, default: p.default,
+        required: required.has(name),
         nullable, min: p.minimum ?? p.exclusiveMinimum, max: p.maximum ?? p.exclusiveMaximum, pattern: p.pattern});
     }
   };
@@ -68,6 +71,11 @@ function control(f, value) {
     return h("select", common, f.options.map((o, i) =>
       h("option", {value: String(i), selected: o === value}, o === false ? "off" : String(o))));
   }
+  if (f.type === "choices") {
+    const chosen = new Set(value || []);
+    return h("select", {...common, multiple: true, size: String(Math.min(f.options.length, 4))},
+      f.options.map((o, i) => h("option", {value: String(i), selected: chosen.has(o)}, String(o).replace(/_/g, " "))));
+  }
   if (f.type === "integer" || f.type === "number") {
     return h("input", {...common, type: "number", step: f.type === "integer" ? "1" : "any", min: f.min, max: f.max,
       value: value ?? "", placeholder: f.nullable ? "auto" : ""});
@@ -82,6 +90,7 @@ function control(f, value) {
 function read(f, el) {
   if (f.type === "boolean") return el.checked;
   if (f.type === "enum") return f.options[Number(el.value)];
+  if (f.type === "choices") return [...el.selectedOptions].map((o) => f.options[Number(o.value)]);
   if (el.validity?.badInput) return null;  // not a number: let the server say so next to the field
   const raw = el.value.trim();
   if (raw === "") return f.nullable || !f.required ? undefined : "";
