@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -25,9 +22,7 @@ import pytest
 from kiln_contracts import streams
 from kiln_store import make_engine, upgrade
 from kiln_testing import free_port, pg_admin_url, pg_create_db, pg_drop_db
-
-ACK_WAIT_S = 6.0  # the writer's ack wait: how soon what a killed writer held is redelivered
-
+from kiln_testing.writer import WriterProc
 
 @pytest.fixture()
 async def pg_db(pg_url: str):
@@ -42,40 +37,9 @@ async def pg_db(pg_url: str):
     await pg_drop_db(pg_url, name)
 
 
-class WriterProc:
-    """``python -m kiln_metrics_writer`` with KILN_WRITER_* settings."""
-
-    def __init__(self, nats_url: str, db_url: str, log: Path) -> None:
-        self.env = {**os.environ, "KILN_WRITER_NATS_URL": nats_url, "KILN_WRITER_DATABASE_URL": db_url,
-                    "KILN_WRITER_ACK_WAIT_S": str(ACK_WAIT_S), "KILN_WRITER_BATCH_SIZE": "2000"}
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> "WriterProc":
-        self.proc = subprocess.Popen([sys.executable, "-m", "kiln_metrics_writer"], env=self.env,
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        return self
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-
-    async def stop(self, timeout: float = 20) -> None:
-        """SIGTERM, waiting without blocking the event loop (the proxy of a test may run in it)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-        self.kill()
-
-    async def ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while b"consuming KILN_EVENTS" not in self.log.read_bytes():
-            assert self.proc and self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, self.log.read_text()
-            await asyncio.sleep(0.05)
+def writer_proc(nats_url: str, db_url: str, log: Path) -> WriterProc:
+    """The writer process with its default ack wait (5 s: how soon what a killed writer held is redelivered)."""
+    return WriterProc(nats_url, db_url, log, batch_size=2000)
 
 
 def payloads(n: int, start: int = 0, job: str = "job1") -> list[tuple[str, bytes, str]]:
@@ -128,7 +92,7 @@ async def test_writer_killed_mid_burst_loses_and_duplicates_nothing(nats_server,
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await streams.ensure_streams(js)
-    first = WriterProc(nats_server.url, pg_db, tmp_path / "writer.log").start()
+    first = writer_proc(nats_server.url, pg_db, tmp_path / "writer.log").start()
     try:
         await first.ready()
         await publish(nc, payloads(n))
@@ -137,7 +101,7 @@ async def test_writer_killed_mid_burst_loses_and_duplicates_nothing(nats_server,
         first.kill(signal.SIGKILL)
         at_kill, _ = await counts(dsn)
         assert at_kill < n, "the burst was written before the kill: nothing was tested"
-        second = WriterProc(nats_server.url, pg_db, tmp_path / "writer.log").start()
+        second = writer_proc(nats_server.url, pg_db, tmp_path / "writer.log").start()
         try:
             await wait_for(lambda: drained(js), 180, "the restarted writer to ack everything")
         finally:
@@ -208,7 +172,7 @@ async def test_postgresql_unreachable_for_30s_loses_and_duplicates_nothing(nats_
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await streams.ensure_streams(js)
-    writer = WriterProc(nats_server.url, via_proxy, tmp_path / "writer.log").start()
+    writer = writer_proc(nats_server.url, via_proxy, tmp_path / "writer.log").start()
     sent = 0
     flowing = asyncio.Event()
 
@@ -244,6 +208,9 @@ async def test_postgresql_unreachable_for_30s_loses_and_duplicates_nothing(nats_
         assert (rows, distinct) == (sent, sent), f"{sent} sent; {rows} rows, {distinct} event ids"
         assert "retrying" in (tmp_path / "writer.log").read_text()
         assert caught_up < 30, f"caught up only {caught_up:.1f}s after PostgreSQL came back"
+        # 30 s of outage, six ack waits: the writer's in-progress acks kept what it held, nothing was redelivered
+        delivered = (await js.consumer_info("KILN_EVENTS", "metrics-writer-events")).delivered.consumer_seq
+        assert delivered == sent, f"{delivered - sent} redeliveries"
     finally:
         flowing.clear()
         await writer.stop()
@@ -253,19 +220,21 @@ async def test_postgresql_unreachable_for_30s_loses_and_duplicates_nothing(nats_
 
 
 async def test_an_event_the_database_refuses_is_dead_lettered_alone(nats_server, pg_db):
-    """PostgreSQL refuses NUL characters in text: the batch is halved until that one event is found and
-    dead-lettered; the others are written (before, the writer retried the whole batch forever)."""
-    from kiln_contracts import Event, LogBatch, LogLine
+    """PostgreSQL refuses a value longer than its column (here an artifact's sha256): the batch is halved until
+    that one event is found and dead-lettered; the others are written (before, the writer retried the whole batch
+    forever)."""
+    from kiln_contracts import ArtifactStored, Event
     from kiln_metrics_writer.main import run
     from kiln_metrics_writer.settings import Settings
 
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await streams.ensure_streams(js)
-    batches = [Event.new(job_id="j", project="p", attempt=1, seq=i + 1, source="runner",
-                         data=LogBatch(lines=[LogLine(text=f"line {i}\x00" if i == 33 else f"line {i}")]))
-               for i in range(60)]
-    for ev in batches:
+    stored = [Event.new(job_id="j", project="p", attempt=1, seq=i + 1, source="runner",
+                        data=ArtifactStored(name=f"e{i}.pt", uri=f"file:///a/e{i}.pt", size=1,
+                                            sha256=("f" * 65 if i == 33 else "f" * 64)))
+              for i in range(60)]
+    for ev in stored:
         await js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
     stop = asyncio.Event()
     task = asyncio.create_task(run(Settings(nats_url=nats_server.url, database_url=pg_db, batch_ms=200), stop))
@@ -273,16 +242,16 @@ async def test_an_event_the_database_refuses_is_dead_lettered_alone(nats_server,
         sub = await js.pull_subscribe("kiln.dlq.>", stream="KILN_DLQ")
         dead = await sub.fetch(1, timeout=20)
         assert "refused by the database" in dead[0].headers["Kiln-Reason"]
-        assert dead[0].data == batches[33].to_bytes()
+        assert dead[0].data == stored[33].to_bytes()
 
         async def written() -> bool:
             conn = await asyncpg.connect(pg_admin_url(pg_db))
             try:
-                return await conn.fetchval("SELECT count(*) FROM logs") == 59
+                return await conn.fetchval("SELECT count(*) FROM artifacts") == 59
             finally:
                 await conn.close()
 
-        await wait_for(written, 20, "the 59 other log batches")
+        await wait_for(written, 20, "the 59 other artifacts")
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

@@ -101,8 +101,13 @@ def event_and_log_consumers(name: str, *, ack_wait: float, max_ack_pending: int)
 
 
 def writer_consumers(name: str = "metrics-writer") -> tuple[Durable, Durable]:
-    """Durable pull consumers of the metrics-writer: one on events, one on logs."""
-    return event_and_log_consumers(name, ack_wait=30.0, max_ack_pending=20_000)
+    """Durable pull consumers of the metrics-writer: one on events, one on logs.
+
+    The ack wait is short so that what a killed writer held goes to another writer (or its restart) within 5 s;
+    while a live writer holds messages longer (a slow commit, a database outage) it keeps them with in-progress
+    acks.  A writer applies this config to an existing durable at start (``add_consumer`` updates it in place).
+    """
+    return event_and_log_consumers(name, ack_wait=5.0, max_ack_pending=20_000)
 
 
 def forwarder_consumers(name: str = "clearml-forwarder") -> tuple[Durable, Durable]:

@@ -8,6 +8,8 @@ from typing import Any
 from sqlalchemy import bindparam, case, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from kiln_contracts import JobStatus
+
 from .schema import artifacts, job_status, jobs, logs, metric_events, status_events
 
 _JOB_COLUMNS = (
@@ -22,6 +24,10 @@ def _job_row(row: Any) -> dict[str, Any]:
     d = dict(row._mapping)
     if d.get("status") is None:  # no event projected yet: the API's own knowledge
         d["status"] = "queued" if d.get("submitted_at") else "created"
+    else:
+        # ``jobs.attempt`` is the attempt the API submitted (0 or 1); runners' hand-backs and the reaper's retries
+        # publish later ones. The projection holds the attempt its status belongs to: the timeline's latest.
+        d["attempt"] = d["status_attempt"]
     return d
 
 
@@ -120,11 +126,20 @@ async def get_logs(
     return rows
 
 
+# Lifecycle order of the statuses, the ends sharing the last place: the order ``status_wins`` moves a job in.
+_STEP = case({s.value: len(JobStatus) if s.terminal else i for i, s in enumerate(JobStatus)},
+             value=status_events.c.status, else_=len(JobStatus))
+
+
 async def get_timeline(conn: AsyncConnection, job_id: str) -> list[dict[str, Any]]:
+    """Status events of a job by attempt, then lifecycle step, then time: the order in which the projection lets a
+    job move (``kiln_contracts.status_wins``), whatever the clocks of the hosts that stamped them (a runner's
+    ``starting`` may carry a time a little before the API's ``queued``), so that the last entry is the job's status,
+    attempt and reason."""
     stmt = (
         select(status_events.c.time, status_events.c.status, status_events.c.attempt, status_events.c.reason)
         .where(status_events.c.job_id == job_id)
-        .order_by(status_events.c.time, status_events.c.attempt)
+        .order_by(status_events.c.attempt, _STEP, status_events.c.time)
     )
     return [dict(r._mapping) for r in (await conn.execute(stmt)).all()]
 

@@ -1,4 +1,9 @@
-"""The JetStream side: pull, decode as messages arrive, dead-letter poison, write a batch, ack after its commit."""
+"""The JetStream side: pull, decode as messages arrive, dead-letter poison, write a batch, ack after its commit.
+
+Every held message (buffered or being written) is kept the writer's own with in-progress acks once it has been held
+for a while, so the durable's ack wait can be short: it is then only how long a dead writer's messages wait before
+JetStream hands them to another writer.  A writer that stops cleanly hands them back at once (negative acks).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from itertools import chain
 from typing import Union
 
 from nats.aio.client import Client as NATS
@@ -22,7 +28,15 @@ from .decode import Decoded, Poison, decode
 log = logging.getLogger("kiln.metrics_writer")
 
 WriteFn = Callable[[list[Decoded]], Awaitable[int]]
-Item = tuple[Msg, Union[Decoded, Poison]]
+
+
+class Item:
+    """A delivered message, decoded, and when JetStream's ack timer last started for it (delivery, in-progress)."""
+
+    __slots__ = ("data", "msg", "touched")
+
+    def __init__(self, msg: Msg, data: Union[Decoded, Poison], touched: float) -> None:
+        self.msg, self.data, self.touched = msg, data, touched
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -89,7 +103,7 @@ class Puller:
             item: Decoded | Poison = decode(msg.subject, msg.data)
         except Poison as exc:
             item = exc
-        self.items.append((msg, item))
+        self.items.append(Item(msg, item, time.monotonic()))
         self._arrived.set()
         self._left -= 1
         if self._left <= 0:
@@ -136,10 +150,14 @@ class BatchConsumer:
     """Writes what one durable consumer delivers, ``batch_size`` messages at most per transaction, acking after it.
 
     Batches form naturally: while one is being written, the next accumulates (``batch_ms`` is only a short wait for
-    more when the buffer holds less than a batch).  Database errors are retried with backoff while the held messages
-    are kept ours with in-progress acks; an event the database refuses as data is found by halving the batch and is
-    dead-lettered alone.
+    more when the buffer holds less than a batch).  Database errors are retried with backoff; an event the database
+    refuses as data is found by halving the batch and is dead-lettered alone.  Meanwhile :meth:`_keep_alive` sends
+    in-progress acks for whatever has been held for ``KEEP_AFTER`` of the ack wait, so a slow commit or an outage
+    never makes JetStream redeliver what this writer still holds.
     """
+
+    KEEP_AFTER = 0.4  # of the ack wait: a held message older than this gets an in-progress ack...
+    KEEP_EVERY = 0.1  # ...checked this often: at worst half the ack wait passes between two of them
 
     def __init__(self, nc: NATS, durable: Durable, write: WriteFn, *, batch_size: int, batch_ms: int,
                  max_backoff_s: float = 10.0, lanes: int = 1, max_held: int | None = None) -> None:
@@ -149,9 +167,11 @@ class BatchConsumer:
         cap = durable.config.max_ack_pending or 0
         want = (self.lanes + 2) * batch_size
         self.max_held = max_held or (min(want, cap) if cap > 0 else want)
+        self.ack_wait = float(durable.config.ack_wait or 30.0)  # JetStream's default when none is set
         self.written = 0
+        self.kept = 0  # in-progress acks sent
         self._stop = asyncio.Event()
-        self._puller: Puller | None = None
+        self._writing: dict[int, list[Item]] = {}  # lane -> the batch it is writing
 
     def stop(self) -> None:
         self._stop.set()
@@ -160,37 +180,69 @@ class BatchConsumer:
         js = self.nc.jetstream()
         name = self.durable.config.durable_name or ""
         await js.add_consumer(self.durable.stream, self.durable.config)
-        puller = self._puller = Puller(self.nc, self.durable.stream, name, batch=self.batch_size,
-                                       max_held=self.max_held)
+        puller = Puller(self.nc, self.durable.stream, name, batch=self.batch_size, max_held=self.max_held)
         await puller.start()
-        log.info("consuming %s/%s (%d lane(s))", self.durable.stream, name, self.lanes)
-        lanes = [asyncio.create_task(self._lane(name, puller)) for _ in range(self.lanes)]
+        log.info("consuming %s/%s (%d lane(s), ack wait %gs)", self.durable.stream, name, self.lanes, self.ack_wait)
+        tasks = [asyncio.create_task(self._lane(i, name, puller)) for i in range(self.lanes)]
+        tasks.append(asyncio.create_task(self._keep_alive(puller)))
         try:
-            await asyncio.gather(*lanes)
+            await asyncio.gather(*tasks)
         finally:
-            for t in lanes:
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(*lanes, return_exceptions=True)
-            await puller.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await puller.close()  # first: JetStream delivers nothing to a pull request nobody listens to any more
+            await self._give_back(puller)
+            log.info("%s: %d events written, %d in-progress acks sent", name, self.written, self.kept)
 
-    async def _lane(self, name: str, puller: Puller) -> None:
+    def _held(self, puller: Puller) -> Iterator[Item]:
+        return chain(puller.items, *self._writing.values())
+
+    async def _keep_alive(self, puller: Puller) -> None:
+        """In-progress acks for every message held for a while, so JetStream restarts its ack timer instead of
+        redelivering (to this writer or another) what this writer is still about to commit."""
+        stale, every = self.KEEP_AFTER * self.ack_wait, self.KEEP_EVERY * self.ack_wait
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            try:
+                for it in [it for it in self._held(puller) if now - it.touched > stale]:
+                    await self.nc.publish(it.msg.reply, b"+WPI")
+                    it.touched = now
+                    self.kept += 1
+            except Exception as exc:  # noqa: BLE001 - disconnected: the rest is tried again at the next round
+                log.debug("in-progress acks interrupted: %s", exc)
+
+    async def _give_back(self, puller: Puller) -> None:
+        """On a clean stop: negative acks for everything still held, so another writer gets it now rather than after
+        the ack wait.  A batch whose commit went through but whose acks did not is written again: a no-op."""
+        try:
+            await self.nc.flush(timeout=2)  # the unsubscription of the pull inbox is through
+            for it in self._held(puller):
+                if not it.msg.is_acked:
+                    await self.nc.publish(it.msg.reply, b"-NAK")
+            await self.nc.flush(timeout=2)
+        except Exception:  # noqa: BLE001 - connection gone: the ack wait brings them back instead
+            pass
+
+    async def _lane(self, lane: int, name: str, puller: Puller) -> None:
         """One write at a time; with several lanes the database works on several batches at once."""
         while not self._stop.is_set():
             items = await puller.take(self.batch_size, self.batch_s)
-            try:
-                await self._handle(name, items)
-            finally:
-                puller.release(len(items))
+            self._writing[lane] = items
+            await self._handle(name, items)  # if stopped (cancelled) or failed, the batch stays for _give_back
+            del self._writing[lane]
+            puller.release(len(items))
 
     async def _handle(self, name: str, items: list[Item]) -> None:
         msgs: list[Msg] = []
         decoded: list[Decoded] = []
-        for m, d in items:
-            if isinstance(d, Poison):
-                await dead_letter(self.nc, name, m, str(d))
+        for it in items:
+            if isinstance(it.data, Poison):
+                await dead_letter(self.nc, name, it.msg, str(it.data))
             else:
-                msgs.append(m)
-                decoded.append(d)
+                msgs.append(it.msg)
+                decoded.append(it.data)
         if not decoded:
             return
         t0 = time.perf_counter()
@@ -215,15 +267,5 @@ class BatchConsumer:
                     return [*await self._write(name, msgs[:half], decoded[:half]),
                             *await self._write(name, msgs[half:], decoded[half:])]
                 log.warning("write of %d events failed (%s); retrying in %.1fs", len(decoded), exc, delay)
-                await self._keep(msgs)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay)  # meanwhile _keep_alive keeps the held messages ours
                 delay = min(delay * 2, self.max_backoff_s)
-
-    async def _keep(self, msgs: list[Msg]) -> None:
-        """Keep every held message ours while we retry, instead of letting JetStream redeliver them."""
-        held = [*msgs, *(m for m, _ in (self._puller.items if self._puller else ()))]
-        for m in held:
-            try:
-                await m.in_progress()
-            except Exception:  # noqa: BLE001
-                pass

@@ -30,12 +30,13 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         return await write_batch(engine, events)
 
     lanes = settings.lanes if engine.dialect.name == "postgresql" else 1  # SQLite has one writer at a time
-    # Held messages get an in-progress ack at each retry: keep the backoff well under ack_wait.
-    backoff = min(settings.max_backoff_s, settings.ack_wait_s / 3)
+    durables = writer_consumers(settings.durable)
+    if settings.ack_wait_s is not None:
+        durables = tuple(Durable(d.stream, replace(d.config, ack_wait=settings.ack_wait_s)) for d in durables)
     consumers = [
-        BatchConsumer(nc, Durable(d.stream, replace(d.config, ack_wait=settings.ack_wait_s)), write,
-                      batch_size=settings.batch_size, batch_ms=settings.batch_ms, max_backoff_s=backoff, lanes=lanes)
-        for d in writer_consumers(settings.durable)
+        BatchConsumer(nc, d, write, batch_size=settings.batch_size, batch_ms=settings.batch_ms,
+                      max_backoff_s=settings.max_backoff_s, lanes=lanes)
+        for d in durables
     ]
     tasks = [asyncio.create_task(c.run()) for c in consumers]
     log.info("metrics-writer running (db %s)", engine.url.render_as_string(hide_password=True))
@@ -49,7 +50,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     for t in done:
         if t is not waiter and not t.cancelled() and t.exception():
             log.error("consumer crashed: %r", t.exception())
-    await nc.close()  # not drain: unacked messages are redelivered to the next writer anyway
+    await nc.close()  # not drain: each consumer has already handed back what it held (negative acks)
     await engine.dispose()
 
 

@@ -12,5 +12,7 @@ class Settings(BaseSettings):
     batch_size: int = 5000
     batch_ms: int = 50
     max_backoff_s: float = 10.0
-    ack_wait_s: float = 30.0  # how long JetStream waits for an ack before redelivering (e.g. after a crash)
+    # How long JetStream waits for an ack before redelivering (e.g. after a crash); None: the durable's own
+    # (kiln_contracts.streams.writer_consumers, 5 s).
+    ack_wait_s: float | None = None
     lanes: int = 2  # batches written at once per durable (each in its own transaction, acked after its commit)
