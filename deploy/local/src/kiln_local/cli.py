@@ -13,6 +13,7 @@ import httpx
 
 from .follow import follow
 from .stack import Stack, StackConfig
+from .supervision import GROUP, RUNNER_STOP_WAIT_S
 from .synth import make_detection_dataset
 
 
@@ -31,10 +32,14 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
                    help="also mirror jobs into ClearML: a clearml.conf path, or 'offline' (sessions under the data dir)")
 
 
-def _config(a: argparse.Namespace) -> StackConfig:
+def _config(a: argparse.Namespace, quiet: bool = True) -> StackConfig:
     return StackConfig(data_dir=a.data_dir, host=a.host, api_port=a.api_port, notifier_port=a.notifier_port,
                        nats_url=a.nats_url, nats_port=a.nats_port, db_url=a.db_url, runners=a.runners,
-                       runner_slots=a.slots, clearml=a.clearml)
+                       runner_slots=a.slots, clearml=a.clearml, quiet=quiet)
+
+
+def _ctl(stack: Stack) -> str:
+    return f"{Path(sys.executable).parent / 'supervisorctl'} -c {stack.conf}"
 
 
 def _where(stack: Stack) -> str:
@@ -43,30 +48,42 @@ def _where(stack: Stack) -> str:
             f"  Live     {stack.ws_url}/api/v1/ws/jobs/<job_id>\n"
             f"  NATS     {stack.nats_url}\n"
             f"  Database {stack.db_url}\n"
-            f"  Logs     {stack.data_dir / 'logs'}")
+            f"  Logs     {stack.data_dir / 'logs'}   (supervisord.log: restarts and stops)\n"
+            f"  Control  {_ctl(stack)} status|restart {GROUP}:<service>")
 
 
 def cmd_up(a: argparse.Namespace) -> int:
-    stack = Stack(_config(a)).start()
-    print("Kiln is up:\n" + _where(stack) + "\nCtrl-C stops it.", flush=True)
-    stopping = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM: the same clean stop as Ctrl-C
     try:
-        while not stopping:
-            dead = stack.dead()
-            if dead:
-                print(f"{dead[0]} exited; see {stack.data_dir / 'logs' / (dead[0] + '.log')}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+        stack = Stack(_config(a, quiet=False)).start()  # supervisord's lines (spawned, exited, ...) reach stdout
+    except KeyboardInterrupt:
+        return 130  # start() has stopped whatever it had started
+    print("Kiln is up:\n" + _where(stack) + "\nCtrl-C stops it.", flush=True)
+    try:
+        return _watch(stack)
+    except KeyboardInterrupt:
+        return 0
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short (bounded)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"stopping Kiln (up to {RUNNER_STOP_WAIT_S} s while a runner has a job running)", flush=True)
         stack.stop()
-    return 0
+
+
+def _watch(stack: Stack) -> int:
+    """supervisord restarts a service that crashes; say once which ones it gave up on, and keep the rest up."""
+    reported: set[str] = set()
+    while True:
+        if not stack.alive():
+            print(f"supervisord exited; see {stack.log('supervisord')}", file=sys.stderr, flush=True)
+            return 1
+        dead = set(stack.dead())
+        for name in sorted(dead - reported):
+            print(f"{name} kept failing at start and was given up (FATAL); the other services keep running. "
+                  f"Log: {stack.log(name)}. Start it again: {_ctl(stack)} start {GROUP}:{name}",
+                  file=sys.stderr, flush=True)
+        reported = dead
+        time.sleep(0.5)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:

@@ -1,18 +1,28 @@
-"""Runs every Kiln service on one machine: bundled nats-server (unless a NATS URL is given), SQLite by default."""
+"""Runs every Kiln service on one machine under supervisord: bundled nats-server (unless a NATS URL is given),
+SQLite by default. The rules (restarts, backoff, parallel stop) are in ``supervision``."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import xmlrpc.client
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
+import psutil
+from supervisor.xmlrpc import SupervisorTransport
+
+from .supervision import GROUP, RUNNER_STOP_WAIT_S, START_RETRIES, USER, Program, render
+
+GIVEN_UP = {"FATAL", "UNKNOWN"}  # with autorestart=true every other state is on its way back to RUNNING
 
 
 def free_port() -> int:
@@ -49,67 +59,123 @@ class StackConfig:
     runner_slots: int = 1
     runners: int = 1
     pool: str = "default"
-    quiet: bool = True
+    quiet: bool = True  # False: supervisord's lines (spawned, exited, gave up, stopped) also on stdout
     clearml: str | None = None  # None: no forwarder; "offline" or a clearml.conf path
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
 class Stack:
-    """Starts and supervises the service processes; each writes its log to ``<data_dir>/logs/<name>.log``."""
+    """Starts the services under supervisord; each writes its log to ``<data_dir>/logs/<name>.log``."""
 
     def __init__(self, cfg: StackConfig) -> None:
         self.cfg = cfg
         self.data_dir = cfg.data_dir.resolve()
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.conf = self.data_dir / "supervisord.conf"
+        self.supervisord: subprocess.Popen[bytes] | None = None
+        self.names: list[str] = []
         self.nats_url = cfg.nats_url or f"nats://127.0.0.1:{cfg.nats_port}"
         self.db_url = cfg.db_url or f"sqlite+aiosqlite:///{self.data_dir / 'kiln.db'}"
         self.api_url = f"http://{cfg.host}:{cfg.api_port}"
         self.ws_url = f"ws://{cfg.host}:{cfg.notifier_port}"
+        self.socket = self.data_dir / "supervisor.sock"  # supervisord's XML-RPC (and supervisorctl's) endpoint
+        self._password = ""
+        self._socket_dir: Path | None = None  # a short temp dir when data_dir is too deep for a unix socket path
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        logs = self.data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child for its lifetime
-        full_env = {**os.environ, **self.cfg.extra_env, **env}
-        self.procs[name] = subprocess.Popen(argv, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                                            cwd=self.data_dir, start_new_session=True)
-
-    def start(self, timeout: float = 60.0) -> "Stack":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        py = sys.executable
-        if self.cfg.nats_url is None:
-            if port_open(self.cfg.nats_port):
-                raise SystemExit(f"port {self.cfg.nats_port} is taken; choose another with --nats-port")
-            self._spawn("nats", [nats_server_bin(), "-js", "-a", "127.0.0.1", "-p", str(self.cfg.nats_port),
-                                 "-sd", str(self.data_dir / "nats")], {})
-            self._wait(lambda: port_open(self.cfg.nats_port), 10, "nats-server")
-        subprocess.run([py, "-m", "kiln_store", "upgrade", self.db_url], check=True, cwd=self.data_dir,
-                       stdout=subprocess.DEVNULL)
-        common = {"PYTHONUNBUFFERED": "1"}
-        self._spawn("metrics-writer", [py, "-m", "kiln_metrics_writer"], {
-            **common, "KILN_WRITER_NATS_URL": self.nats_url, "KILN_WRITER_DATABASE_URL": self.db_url})
-        self._spawn("notifier", [py, "-m", "kiln_notifier"], {
-            **common, "KILN_NOTIFIER_NATS_URL": self.nats_url, "KILN_NOTIFIER_HOST": self.cfg.host,
-            "KILN_NOTIFIER_PORT": str(self.cfg.notifier_port)})
-        self._spawn("api", [py, "-m", "kiln_api"], {
-            **common, "KILN_API_NATS_URL": self.nats_url, "KILN_API_DATABASE_URL": self.db_url,
-            "KILN_API_HOST": self.cfg.host, "KILN_API_PORT": str(self.cfg.api_port),
-            "KILN_API_NOTIFIER_URL": self.ws_url})
+    def services(self) -> list[Program]:
+        """Every service but NATS, with the argv and environment it runs with."""
+        py, common = sys.executable, {"PYTHONUNBUFFERED": "1"}
+        progs = [
+            Program("metrics-writer", [py, "-m", "kiln_metrics_writer"], {
+                **common, "KILN_WRITER_NATS_URL": self.nats_url, "KILN_WRITER_DATABASE_URL": self.db_url}),
+            Program("notifier", [py, "-m", "kiln_notifier"], {
+                **common, "KILN_NOTIFIER_NATS_URL": self.nats_url, "KILN_NOTIFIER_HOST": self.cfg.host,
+                "KILN_NOTIFIER_PORT": str(self.cfg.notifier_port)}),
+            Program("api", [py, "-m", "kiln_api"], {
+                **common, "KILN_API_NATS_URL": self.nats_url, "KILN_API_DATABASE_URL": self.db_url,
+                "KILN_API_HOST": self.cfg.host, "KILN_API_PORT": str(self.cfg.api_port),
+                "KILN_API_NOTIFIER_URL": self.ws_url})]
         if self.cfg.clearml:
             env = {**common, "KILN_CLEARML_ENABLED": "1", "KILN_CLEARML_NATS_URL": self.nats_url}
             if self.cfg.clearml == "offline":
                 env.update(KILN_CLEARML_OFFLINE="1", KILN_CLEARML_CACHE_DIR=str(self.data_dir / "clearml"))
             else:
                 env["KILN_CLEARML_CONFIG_FILE"] = str(Path(self.cfg.clearml).resolve())
-            self._spawn("clearml-forwarder", [py, "-m", "kiln_clearml_forwarder"], env)
+            progs.append(Program("clearml-forwarder", [py, "-m", "kiln_clearml_forwarder"], env))
         for i in range(self.cfg.runners):
-            self._spawn(f"runner-{i}", [py, "-m", "kiln_runner"], {
+            progs.append(Program(f"runner-{i}", [py, "-m", "kiln_runner"], {
                 **common, "KILN_RUNNER_NATS_URL": self.nats_url, "KILN_RUNNER_POOL": self.cfg.pool,
                 "KILN_RUNNER_SLOTS": str(self.cfg.runner_slots), "KILN_RUNNER_WORK_DIR": str(self.data_dir / "runner"),
-                "KILN_RUNNER_RUNNER_ID": f"{socket.gethostname()}-runner-{i}"})
-        self._wait(lambda: self._healthy(f"{self.api_url}/healthz"), timeout, "api")
-        self._wait(lambda: self._healthy(f"http://{self.cfg.host}:{self.cfg.notifier_port}/healthz"), timeout, "notifier")
+                "KILN_RUNNER_RUNNER_ID": f"{socket.gethostname()}-runner-{i}"}, stop_wait_s=RUNNER_STOP_WAIT_S))
+        return progs
+
+    def log(self, name: str) -> Path:
+        return self.data_dir / "logs" / f"{name}.log"
+
+    def start(self, timeout: float = 60.0) -> Stack:
+        """Migrates the database, starts supervisord with NATS, then the ``kiln`` group; returns once healthy."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        running = _supervisord_pid(self.data_dir / "supervisord.pid", self.conf)
+        if running:
+            raise SystemExit(f"Kiln already runs on {self.data_dir} (supervisord pid {running}); stop that one first")
+        nats = None
+        if self.cfg.nats_url is None:
+            if port_open(self.cfg.nats_port):
+                raise SystemExit(f"port {self.cfg.nats_port} is taken; choose another with --nats-port")
+            nats = Program("nats", [nats_server_bin(), "-js", "-a", "127.0.0.1", "-p", str(self.cfg.nats_port),
+                                    "-sd", str(self.data_dir / "nats")])
+        subprocess.run([sys.executable, "-m", "kiln_store", "upgrade", self.db_url], check=True, cwd=self.data_dir,
+                       stdout=subprocess.DEVNULL)
+        services = self.services()
+        self.names = [p.name for p in services] + ([nats.name] if nats else [])
+        try:
+            self._write_conf(services, nats)
+            # Its own session: Ctrl-C in the terminal reaches `kiln up` only, which stops supervisord in order.
+            self.supervisord = subprocess.Popen(
+                [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)]
+                + (["--silent"] if self.cfg.quiet else []),
+                env={**os.environ, **self.cfg.extra_env}, cwd=self.data_dir, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+            self._wait(self._rpc_ready, 20, "supervisord")
+            if nats:
+                self._wait(lambda: port_open(self.cfg.nats_port), 10, "nats-server")
+            self.rpc().supervisor.startProcessGroup(GROUP, False)
+            self._wait(lambda: self._healthy(f"{self.api_url}/healthz"), timeout, "api")
+            self._wait(lambda: self._healthy(f"http://{self.cfg.host}:{self.cfg.notifier_port}/healthz"), timeout,
+                       "notifier")
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def _write_conf(self, services: list[Program], nats: Program | None) -> None:
+        self.socket = self.data_dir / "supervisor.sock"
+        if len(str(self.socket)) > 100:  # sun_path holds 104-108 bytes
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="kiln-"))  # mode 0700
+            self.socket = self._socket_dir / "supervisor.sock"
+        self._password = secrets.token_urlsafe(18)
+        text = render(services, nats=nats, data_dir=self.data_dir, socket=self.socket, password=self._password,
+                      root=os.geteuid() == 0)
+        fd = os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # also when the file was there before
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+
+    def rpc(self) -> xmlrpc.client.ServerProxy:
+        """supervisord's XML-RPC interface (``supervisor.getAllProcessInfo()``, ``supervisor.startProcess(...)``)."""
+        transport = SupervisorTransport(USER, self._password, f"unix://{self.socket}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+    def _rpc_ready(self) -> bool:
+        try:
+            state = cast(dict[str, Any], self.rpc().supervisor.getState())
+        except (OSError, xmlrpc.client.Error):
+            return False
+        return bool(state["statename"] == "RUNNING")
+
+    def processes(self) -> dict[str, dict[str, Any]]:
+        """supervisord's view of each program by name: ``statename``, ``pid``, ``description``, ..."""
+        return {p["name"]: p for p in cast(list[dict[str, Any]], self.rpc().supervisor.getAllProcessInfo())}
 
     def _healthy(self, url: str) -> bool:
         try:
@@ -122,32 +188,68 @@ class Stack:
         while time.monotonic() < deadline:
             if ok():
                 return
+            if not self.alive():
+                raise SystemExit(f"supervisord exited during start-up; see its message above and "
+                                 f"{self.log('supervisord')}")
             dead = self.dead()
             if dead:
-                self.stop()
-                raise SystemExit(f"{dead[0]} exited during start-up; see {self.data_dir / 'logs' / (dead[0] + '.log')}")
+                raise SystemExit(f"{dead[0]} failed to start {START_RETRIES + 1} times in a row; see {self.log(dead[0])}")
             time.sleep(0.1)
-        self.stop()
         raise SystemExit(f"{what} did not become healthy within {timeout:.0f}s; see {self.data_dir / 'logs'}")
 
+    def alive(self) -> bool:
+        """Whether supervisord runs (it restarts the services; they do not outlive it for long)."""
+        return self.supervisord is not None and self.supervisord.poll() is None
+
     def dead(self) -> list[str]:
-        return [n for n, p in self.procs.items() if p.poll() is not None]
+        """Services given up for good (FATAL: kept failing at start); every name if supervisord itself is gone."""
+        if self.supervisord is None:
+            return []
+        if not self.alive():
+            return list(self.names)
+        try:
+            return [name for name, p in self.processes().items() if p["statename"] in GIVEN_UP]
+        except (OSError, xmlrpc.client.Error):
+            return []  # not listening yet, or stopping
 
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM in reverse start order (runners first, NATS last), SIGKILL what is left after ``grace``."""
-        for name in reversed(list(self.procs)):
-            p = self.procs[name]
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM to supervisord: it stops every service at once, then NATS (SIGKILL to a service's process group
+        after 5 s, a runner's after 15 s). Whatever is left after ``grace`` is killed."""
+        sup, self.supervisord = self.supervisord, None
+        if sup is not None:
+            if sup.poll() is None:
+                sup.terminate()
                 try:
-                    p.wait(grace if name.startswith("runner") else 5)
+                    sup.wait(grace)
                 except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-        self.procs.clear()
+                    sup.kill()
+            _kill_session(sup.pid)  # nothing, unless supervisord hung or was killed before it could stop them
+            sup.wait()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _supervisord_pid(pidfile: Path, conf: Path) -> int:
+    """The pid in ``pidfile`` if the supervisord of ``conf`` still runs with it, else 0."""
+    try:
+        pid = int(pidfile.read_text())
+        return pid if str(conf) in psutil.Process(pid).cmdline() else 0
+    except (OSError, ValueError, psutil.Error):
+        return 0
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid``: supervisord and its programs (each in its own process group)."""
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                proc.kill()
+        except (OSError, psutil.Error):
+            pass

@@ -41,10 +41,11 @@ def _recorded_spec(job: dict[str, Any]) -> JobSpec:
 
 
 async def _start(conn: ConnDep, bus: BusDep, job: dict[str, Any], why: str | None = None) -> None:
-    if job["attempt"] > 0:
-        raise HTTPException(409, f"job {job['id']} was already started (status {job['status']}); re-run it instead")
-    if job.get("cancel_requested_at") is not None or JobStatus(job["status"]).terminal:
+    if job.get("submitted_at") is None and (job.get("cancel_requested_at") is not None
+                                            or JobStatus(job["status"]).terminal):
         raise HTTPException(409, f"job {job['id']} was cancelled before it started; re-run it instead")
+    if job["attempt"] > 0 or job.get("submitted_at") is not None:
+        raise HTTPException(409, f"job {job['id']} was already started (status {job['status']}); re-run it instead")
     now = utcnow()
     cmd = StartJob(job_id=job["id"], attempt=1, spec=_recorded_spec(job), issued_at=now)
     if not await jobs_repo.mark_submitted(conn, job["id"], 1, now):
