@@ -66,7 +66,7 @@ def cmd_up(a: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short (bounded)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(f"stopping Kiln (up to {RUNNER_STOP_WAIT_S} s while a runner has a job running)", flush=True)
+        print(f"stopping Kiln (up to {RUNNER_STOP_WAIT_S} s while a runner drains a running job)", flush=True)
         stack.stop()
 
 

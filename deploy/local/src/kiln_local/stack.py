@@ -3,6 +3,7 @@ SQLite by default. The rules (restarts, backoff, parallel stop) are in ``supervi
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import shutil
@@ -20,7 +21,9 @@ import httpx
 import psutil
 from supervisor.xmlrpc import SupervisorTransport
 
-from .supervision import GROUP, RUNNER_STOP_WAIT_S, START_RETRIES, USER, Program, render
+from .supervision import (
+    GROUP, RUNNER_SHUTDOWN_GRACE_S, RUNNER_STOP_WAIT_S, START_RETRIES, USER, Program, render,
+)
 
 GIVEN_UP = {"FATAL", "UNKNOWN"}  # with autorestart=true every other state is on its way back to RUNNING
 
@@ -101,11 +104,16 @@ class Stack:
             else:
                 env["KILN_CLEARML_CONFIG_FILE"] = str(Path(self.cfg.clearml).resolve())
             progs.append(Program("clearml-forwarder", [py, "-m", "kiln_clearml_forwarder"], env))
+        # A runner drains before it stops: the stop waits for that (an operator's own grace wins over kiln up's).
+        given = self.cfg.extra_env.get("KILN_RUNNER_SHUTDOWN_GRACE_S", os.environ.get("KILN_RUNNER_SHUTDOWN_GRACE_S"))
+        drain = float(given) if given else float(RUNNER_SHUTDOWN_GRACE_S)
         for i in range(self.cfg.runners):
             progs.append(Program(f"runner-{i}", [py, "-m", "kiln_runner"], {
                 **common, "KILN_RUNNER_NATS_URL": self.nats_url, "KILN_RUNNER_POOL": self.cfg.pool,
                 "KILN_RUNNER_SLOTS": str(self.cfg.runner_slots), "KILN_RUNNER_WORK_DIR": str(self.data_dir / "runner"),
-                "KILN_RUNNER_RUNNER_ID": f"{socket.gethostname()}-runner-{i}"}, stop_wait_s=RUNNER_STOP_WAIT_S))
+                "KILN_RUNNER_RUNNER_ID": f"{socket.gethostname()}-runner-{i}",
+                "KILN_RUNNER_SHUTDOWN_GRACE_S": str(drain)}, stop_wait_s=RUNNER_STOP_WAIT_S - RUNNER_SHUTDOWN_GRACE_S
+                + math.ceil(drain)))
         return progs
 
     def log(self, name: str) -> Path:
@@ -212,9 +220,10 @@ class Stack:
         except (OSError, xmlrpc.client.Error):
             return []  # not listening yet, or stopping
 
-    def stop(self, grace: float = 30.0) -> None:
+    def stop(self, grace: float | None = None) -> None:
         """SIGTERM to supervisord: it stops every service at once, then NATS (SIGKILL to a service's process group
-        after 5 s, a runner's after 15 s). Whatever is left after ``grace`` is killed."""
+        after 5 s, a runner's after its drain, RUNNER_STOP_WAIT_S). Whatever is left after ``grace`` is killed."""
+        grace = grace if grace is not None else max(p.stop_wait_s for p in self.services()) + 15.0
         sup, self.supervisord = self.supervisord, None
         if sup is not None:
             if sup.poll() is None:
