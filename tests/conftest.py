@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln_testing import NatsServer, free_port, pg_admin_url, pg_create_db, pg_drop_db
+from kiln_testing import MotoS3, NatsServer, free_port, pg_admin_url, pg_create_db, pg_drop_db
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,3 +92,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.environ.get("CI") and _pg_skipped:
         print(f"\nCI: {len(_pg_skipped)} PostgreSQL test(s) were skipped, failing the run: {_pg_skipped[:3]}")
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-compatible server (moto's, on a free loopback port) for the tests of one module."""
+    server = MotoS3().start()
+    try:
+        yield server
+    finally:
+        server.stop()

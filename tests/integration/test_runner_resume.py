@@ -20,7 +20,6 @@ import pytest
 
 from kiln_contracts import JobSpec, JobStatus, streams
 from kiln_local.synth import make_detection_dataset
-from kiln_testing import MotoS3
 from kiln_testing.runners import EventLog, RunnerProc, publish_start
 
 pytestmark = pytest.mark.e2e
@@ -28,13 +27,6 @@ TRAINER = [sys.executable, "-m", "kiln_trainer_ultralytics"]
 BUCKET = "ckpt"
 TRAIN = {"epochs": 12, "imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "warmup_epochs": 0, "plots": False,
          "close_mosaic": 0}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = MotoS3().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture()

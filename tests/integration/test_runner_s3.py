@@ -6,15 +6,7 @@ import nats
 import pytest
 
 from kiln_contracts import JobStatus, streams
-from kiln_testing import MotoS3
 from kiln_testing.runners import EventLog, RunnerProc, publish_start, read_fake_log, spec
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = MotoS3().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture()

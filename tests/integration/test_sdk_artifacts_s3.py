@@ -14,17 +14,7 @@ import pytest
 from kiln_contracts import JobSpec, streams
 
 from kiln_sdk import JobContext, RecordingReporter, Run
-from kiln_testing import MotoS3
 from kiln_testing.runners import EventLog, RunnerProc, publish_start
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = MotoS3().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture()

@@ -18,6 +18,7 @@ from kiln_contracts import CancelJob, Event, ExitClass, JobFinished, JobStatus, 
 
 from .adapters.checkpoints import CheckpointFetcher
 from .adapters.datasets import DatasetCache
+from .adapters.spools import SpoolDrainer
 from .domain import JobRef, invalid_reason, job_of_invalid_start
 from .jobs import RunningJob
 from .settings import Settings
@@ -36,6 +37,7 @@ class Runner:
         roots = [p for p in (settings.artifact_dir, settings.work_dir) if p is not None]
         self.checkpoints = CheckpointFetcher(roots, settings.artifact_s3_uri, self._artifact_s3_client)
         self.js = nc.jetstream()
+        self.spools = SpoolDrainer(self.js, (settings.work_dir / "jobs").resolve())
         self.slots = Slots(settings.slots)
         self.jobs: dict[str, RunningJob] = {}
         self.tasks: set[asyncio.Task[object]] = set()
@@ -66,7 +68,8 @@ class Runner:
             await msg.nack(delay=wait)  # a retry in its backoff: back on the queue until it is due
             return
         slot = await self.slots.take()  # immediate: this handler only runs while a slot is free
-        job = RunningJob(cmd, self.settings, self.js, slot, self.registry, self.datasets, self.checkpoints)
+        job = RunningJob(cmd, self.settings, self.js, slot, self.registry, self.datasets, self.checkpoints,
+                         self.spools)
         # Enter the running registry before the permanent claim: if this runner dies in between, the reaper
         # finds the entry going stale and retries or marks the attempt lost; it never stays "starting".
         try:

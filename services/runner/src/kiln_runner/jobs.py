@@ -24,18 +24,20 @@ from .adapters import process
 from .adapters.checkpoints import CheckpointError, CheckpointFetcher, read_record, resume_fields
 from .adapters.datasets import DatasetCache, DatasetError, Resolved
 from .adapters.events import JobEvents
+from .adapters.spools import RUNNER_SPOOL, SpoolDrainer
 from .domain import Outcome, classify_exit, retry_after
 from .settings import Settings
 from .versions import versions
 
 log = logging.getLogger("kiln.runner")
+_BACKGROUND: set[asyncio.Task[None]] = set()  # registry deletes retried until the bus takes them
 _SCRUB_PREFIXES = ("KILN_RUNNER_", "KILN_API_", "KILN_WRITER_", "KILN_NOTIFIER_", "AWS_")
 
 
 class RunningJob:
     def __init__(self, cmd: StartJob, settings: Settings, js: JetStreamContext, slot: int,
                  registry: KeyValue | None = None, datasets: DatasetCache | None = None,
-                 checkpoints: CheckpointFetcher | None = None) -> None:
+                 checkpoints: CheckpointFetcher | None = None, spools: SpoolDrainer | None = None) -> None:
         self.cmd, self.settings, self.js, self.slot = cmd, settings, js, slot
         self.registry = registry
         self.datasets = datasets or DatasetCache(settings.work_dir / "datasets")
@@ -45,8 +47,10 @@ class RunningJob:
         self._reg_rev = 0
         self._reg_lock = asyncio.Lock()
         self.fenced = False  # the reaper declared this attempt lost: report nothing terminal
-        self.events = JobEvents(js, cmd)
         self.dir = (settings.work_dir / "jobs" / f"{cmd.job_id}-{cmd.attempt}").resolve()
+        self.spools = spools
+        self.events = JobEvents(js, cmd, spool=spools.spool(self.dir / RUNNER_SPOOL) if spools else None,
+                                spooled=spools.wake if spools else None)
         self.proc: asyncio.subprocess.Process | None = None
         self.cancel_reason: str | None = None
         self.hand_back = False  # runner shutdown: requeue as the next attempt instead of ending the job
@@ -270,11 +274,32 @@ class RunningJob:
             log.warning("registry update of %s failed: %s", self.registry_key, exc)
 
     async def _unregister(self) -> None:
-        if self.registry is not None and self._reg_rev and not self.fenced:
-            try:
-                await self.registry.delete(self.registry_key, last=self._reg_rev)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("registry delete of %s failed: %s", self.registry_key, exc)
+        """Leave the running registry; while NATS is away, keep trying in the background (an entry left behind
+        would make the reaper declare a finished attempt lost)."""
+        if self.registry is None or not self._reg_rev or self.fenced:
+            return
+        if not await self._delete_entry():
+            task = asyncio.create_task(self._delete_entry_until_done())
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+
+    async def _delete_entry(self) -> bool:
+        assert self.registry is not None
+        try:
+            await self.registry.delete(self.registry_key, last=self._reg_rev)
+            return True
+        except KeyWrongLastSequenceError:
+            return True  # the reaper took it over meanwhile: not ours to delete any more
+        except Exception as exc:  # noqa: BLE001 - bus trouble: retried
+            log.warning("registry delete of %s failed: %s", self.registry_key, exc)
+            return False
+
+    async def _delete_entry_until_done(self) -> None:
+        delay = 1.0
+        while not await self._delete_entry():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        log.info("registry entry %s deleted after the bus came back", self.registry_key)
 
     async def _cancel_watch(self) -> None:
         await self._cancel_event.wait()
@@ -285,26 +310,12 @@ class RunningJob:
             await process.stop_group(self.proc, self.settings.kill_grace_s)
 
     async def _replay_spool(self) -> None:
-        """Publish what a killed trainer left in its spool (the SDK's stable event ids make this idempotent).
+        """Publish what the exited trainer left in its spool before the attempt's end is reported.
 
-        Retried with backoff while NATS is unreachable (up to ``spool_replay_s``), before the job's end is reported.
+        The runner's :class:`SpoolDrainer` takes the spool over: one pass now (NATS is usually there), and, while
+        NATS is away, again and again until it is back, however long that takes (runner restarts included).
         """
-        spool = self.dir / "spool"
-        if not spool.is_dir() or not any(spool.iterdir()):
+        if self.spools is None:
             return
-        from kiln_sdk.spool import replay
-
-        deadline = time.monotonic() + self.settings.spool_replay_s
-        delay = 0.5
-        while True:
-            try:
-                await replay(spool, self.settings.nats_url)
-                return
-            except Exception as exc:  # noqa: BLE001
-                if time.monotonic() >= deadline:
-                    log.error("spool replay of %s failed for good (%s); events kept in %s", self.cmd.job_id, exc,
-                              spool)
-                    return
-                log.warning("spool replay of %s failed (%s); retrying in %.1fs", self.cmd.job_id, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        self.spools.adopt_trainer_spool(self.dir)
+        await self.spools.drain_once()

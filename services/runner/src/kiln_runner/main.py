@@ -25,8 +25,12 @@ async def _raw(msg):  # type: ignore[no-untyped-def]
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     cancels_missed = asyncio.Event()
 
+    runner: Runner | None = None
+
     async def reconnected() -> None:  # a cancel message sent while we were away is lost: read the marks again
         cancels_missed.set()
+        if runner is not None:
+            runner.spools.wake()  # and publish what was spooled meanwhile
 
     broker = NatsBroker(settings.nats_url, max_reconnect_attempts=-1, name=f"kiln-runner-{settings.runner_id}",
                         reconnected_cb=reconnected)
@@ -58,6 +62,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 
     cancel_sub = await nc.subscribe(subjects.CANCEL_ALL, cb=runner.on_cancel)
     cancel_watch = asyncio.create_task(runner.watch_cancels(reaper_stop))
+    spools_stop = asyncio.Event()
+    spool_task = asyncio.create_task(runner.spools.run(spools_stop))
     await broker.start()
     log.info("runner %s up: pool %s, %d slot(s)", settings.runner_id, settings.pool, settings.slots)
     await stop.wait()
@@ -70,6 +76,11 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     if reaper_task:
         await reaper_task
     cancel_watch.cancel()
+    spools_stop.set()
+    await spool_task
+    if runner.spools.pending:
+        log.warning("%d spool(s) not published yet: the next runner on this work folder publishes them",
+                    runner.spools.pending)
     await cancel_sub.unsubscribe()
     await broker.stop()
 

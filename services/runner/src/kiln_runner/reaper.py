@@ -70,6 +70,9 @@ class Reaper:
                     self._seen.clear()  # observations restart when leadership returns
             except Exception as exc:  # noqa: BLE001 - the reaper must outlive bus hiccups
                 log.warning("reaper pass failed: %s", exc)
+                # Runners could not refresh their entries either: silence is judged again once the bus is back,
+                # else every attempt would be declared lost the moment a long outage ends.
+                self._seen.clear()
             try:
                 await asyncio.wait_for(stop.wait(), self.interval_s)
             except asyncio.TimeoutError:

@@ -36,7 +36,6 @@ class Settings(BaseSettings):
     reaper: bool = True  # every runner is a reaper candidate; a KV lease keeps one active
     lost_after_s: float = 25.0  # heartbeat silence before an attempt is retried or marked lost
     reaper_lease_s: float = 10.0
-    spool_replay_s: float = 300.0  # how long to retry replaying a dead trainer's spool while NATS is away
     # Trainer SDK settings passed to every trainer (docs/sdk.md).
     ultralytics_autoload: bool = Field(True, description="Kiln callbacks in any Ultralytics script (PYTHONPATH hook).")
     artifact_dir: Path | None = Field(None, description="KILN_ARTIFACT_DIR: store checkpoints as copies here.")
