@@ -85,3 +85,11 @@ def test_a_job_cancelled_before_it_started_cannot_be_started(client):
     assert r.status_code == 409 and "cancelled" in r.json()["detail"]
     timeline = [t["status"] for t in client.get(f"/api/v1/jobs/{job['id']}").json()["timeline"]]
     assert "queued" not in timeline
+
+
+@pytest.mark.parametrize("body, ctype", [(b"\xff\xfe{", "text/plain"), (b"\xff{", "application/json"),
+                                         (b"{", "application/json")])
+def test_a_body_that_is_not_json_is_4xx_not_500(client, body, ctype):
+    r = client.post("/api/v1/jobs", content=body, headers={"Content-Type": ctype})
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["detail"]

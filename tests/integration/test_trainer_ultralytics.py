@@ -189,3 +189,17 @@ async def test_a_stopped_attempt_leaves_a_resumable_checkpoint_and_the_next_atte
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = await fetch(nats_url, subjects.job_events(job_id))
     assert [(e.attempt, e.data.epoch) for e in events if e.data.kind == "epoch"] == [(1, 1), (2, 2), (2, 3)]
+
+
+def test_a_model_yaml_cannot_run_code(nats_url: str, tmp_path: Path) -> None:
+    """Ultralytics eval()s a model YAML's `activation:`; the trainer loads models in Ultralytics' safe mode."""
+    import ultralytics
+
+    marker = tmp_path / "pwned"
+    base = Path(ultralytics.__file__).parent / "cfg" / "models" / "v8" / "yolov8.yaml"
+    model = tmp_path / "evil.yaml"
+    model.write_text(base.read_text() + f"\nactivation: __import__('pathlib').Path({str(marker)!r}).touch() or nn.SiLU()\n")
+    data = make_detection_dataset(tmp_path / "data", n_train=2, n_val=1)
+    _, proc = run_trainer(tmp_path, nats_url, data, TrainArgs(**TINY), timeout=120, model=str(model))
+    assert not marker.exists(), "the model YAML's activation ran on the runner"
+    assert proc.returncode != 0 and "unsupported activation" in proc.stdout + proc.stderr, proc.stderr[-2000:]

@@ -116,3 +116,18 @@ def test_invalid_reason_names_the_field_and_the_rule():
         StartJob.model_validate_json(b'{"job_id": "j", "spec": {"epochs": 1, "model": 1, "x": 2, "y": 3}}')
     assert invalid_reason(exc.value).endswith("(and 3 more)")
     assert len(invalid_reason(ValueError("v" * 2000))) < 400
+
+
+@pytest.mark.parametrize("line", [
+    "RuntimeError: NCCL error in: ../nccl.cpp:1, unhandled system error",
+    "torch.AcceleratorError: CUDA error: an illegal memory access was encountered",
+    "OSError: [Errno 5] Input/output error: '/data/images/0001.jpg'",
+    "OSError: [Errno 28] No space left on device",
+])
+def test_a_host_failure_is_infrastructure_and_so_retried_by_default(line):
+    from kiln_contracts import JobSpec
+    from kiln_runner.domain import classify_exit, retry_after
+
+    outcome = classify_exit(1, ["Traceback (most recent call last):", '  File "t.py", line 1, in <module>', line])
+    assert outcome.exit_class == ExitClass.infrastructure and outcome.reason.startswith("host failure: ")
+    assert retry_after(JobSpec(model="m.yaml", dataset="/d", max_attempts=2), 1, outcome) == 30.0

@@ -110,11 +110,15 @@ class Stack:
         for i in range(self.cfg.runners):
             progs.append(Program(f"runner-{i}", [py, "-m", "kiln_runner"], {
                 **common, "KILN_RUNNER_NATS_URL": self.nats_url, "KILN_RUNNER_POOL": self.cfg.pool,
-                "KILN_RUNNER_SLOTS": str(self.cfg.runner_slots), "KILN_RUNNER_WORK_DIR": str(self.data_dir / "runner"),
+                "KILN_RUNNER_SLOTS": str(self.cfg.runner_slots), "KILN_RUNNER_WORK_DIR": str(self.runner_dir(i)),
                 "KILN_RUNNER_RUNNER_ID": f"{socket.gethostname()}-runner-{i}",
                 "KILN_RUNNER_SHUTDOWN_GRACE_S": str(drain)}, stop_wait_s=RUNNER_STOP_WAIT_S - RUNNER_SHUTDOWN_GRACE_S
                 + math.ceil(drain)))
         return progs
+
+    def runner_dir(self, i: int) -> Path:
+        """Runner ``i``'s own work folder (its jobs, spools, dataset cache): runners never share one."""
+        return self.data_dir / "runner" if i == 0 else self.data_dir / f"runner-{i}"
 
     def log(self, name: str) -> Path:
         return self.data_dir / "logs" / f"{name}.log"

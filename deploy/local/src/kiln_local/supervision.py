@@ -18,9 +18,10 @@ START_SECS = 5  # a start counts as good once the process has stayed up this lon
 START_RETRIES = 5  # quick failures in a row before a program is given up (FATAL)
 STOP_WAIT_S = 5  # SIGTERM, then SIGKILL to the program's process group after this long
 RUNNER_SHUTDOWN_GRACE_S = 2  # one machine: no other runner takes the job now, so stop it soon with its checkpoint
-RUNNER_STOP_WAIT_S = RUNNER_SHUTDOWN_GRACE_S + 20 + 5 + 3
-"""A stopping runner's drain: the grace above, the trainer's stop at a batch boundary (its cancel grace, 20 s),
-SIGTERM then SIGKILL (5 s), and a margin; only then does supervisord kill it (and its job is handed back, not lost)."""
+RUNNER_STOP_WAIT_S = RUNNER_SHUTDOWN_GRACE_S + 20 + 5 + 10 + 5
+"""A stopping runner's drain: the grace above, then what the runner itself waits for its stopping jobs (their cancel
+grace, 20 s, SIGTERM then SIGKILL, 5 s, and 10 s to report), and a margin; only then does supervisord kill it (so its
+job is handed back, not lost)."""
 NATS_PRIORITY, GROUP_PRIORITY = 10, 100  # started low first, stopped high first: NATS outlives the services
 
 _INLINE_COMMENT = re.compile(r"\s[;#]")

@@ -130,8 +130,9 @@ class JobSpec(BaseModel):
     train: TrainArgs = Field(default_factory=TrainArgs, description="Ultralytics train arguments.")
     timeout_s: StrictInt = Field(24 * 3600, ge=10, le=30 * 24 * 3600, description="Wall-clock limit of one attempt.")
     max_attempts: StrictInt = Field(
-        1, ge=1, le=10, description="Attempts before the job is given up: a lost runner, a runner that shuts down, "
-                                    "or a failure of a class in retry_on starts the next attempt while attempts remain.")
+        1, ge=1, le=10, description="Attempts before the job is given up: a lost runner or a failure of a class in "
+                                    "retry_on starts the next attempt while attempts remain (a runner that shuts down "
+                                    "hands its job back as the next attempt whatever this says).")
     retry_on: list[ExitClass] = Field(
         default_factory=lambda: [ExitClass.infrastructure, ExitClass.out_of_memory],
         description="Exit classes of a failed attempt that start the next one (while attempts remain); "

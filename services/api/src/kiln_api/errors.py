@@ -14,11 +14,13 @@ from fastapi.responses import JSONResponse
 def json_safe(value: Any) -> Any:
     """``value`` with every non-finite float spelled out as a string (JSON has no NaN or infinity).
 
-    >>> json_safe({"lr0": float("inf"), "batch": [float("nan"), 1.5]})
-    {'lr0': 'inf', 'batch': ['nan', 1.5]}
+    >>> json_safe({"lr0": float("inf"), "batch": [float("nan"), 1.5], "raw": b"\\xff{"})
+    {'lr0': 'inf', 'batch': ['nan', 1.5], 'raw': '\\ufffd{'}
     """
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
+    if isinstance(value, (bytes, bytearray)):  # a body that is not JSON (or not UTF-8): shown, not serialised raw
+        return bytes(value[:1000]).decode("utf-8", "replace")
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

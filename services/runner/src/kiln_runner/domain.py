@@ -14,6 +14,11 @@ from kiln_contracts import ExitClass, JobSpec, JobStatus
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 3
 _OOM_MARKERS = ("out of memory", "outofmemoryerror", "cannot allocate memory", "memoryerror")
+_HOST_MARKERS = ("cuda error: unspecified launch failure", "cuda error: an illegal memory access", "nccl error",
+                 "ncclsystemerror", "cudnn_status_internal_error", "cuda driver version is insufficient",
+                 "no cuda gpus are available", "input/output error", "no space left on device", "stale file handle")
+"""Failures of the host (GPU, driver, interconnect, disk), not of the job: classed ``infrastructure`` (retried by
+default), whatever the exit code."""
 _KILN = "kiln: "
 _TRACEBACK = "Traceback (most recent call last):"
 _FRAME = '  File "'
@@ -116,6 +121,8 @@ def classify_exit(code: int, tail: list[str], *, cancelled: bool = False, timed_
         return Outcome(JobStatus.failed, ExitClass.killed, f"trainer killed by {sig}{hint}")
     if code == EXIT_USER_ERROR and (exc is None or exc[0] < kiln_at):
         return Outcome(JobStatus.failed, ExitClass.user_error, detail or "invalid job configuration")
+    if any(m in text for m in _HOST_MARKERS):
+        return Outcome(JobStatus.failed, ExitClass.infrastructure, f"host failure: {failed}")
     return Outcome(JobStatus.failed, ExitClass.user_error, failed)
 
 

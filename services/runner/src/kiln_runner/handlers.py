@@ -34,8 +34,8 @@ class Runner:
         self.settings, self.nc, self.kv, self.registry = settings, nc, kv, registry
         self.datasets = DatasetCache(settings.dataset_cache or settings.work_dir / "datasets", self._s3_client,
                                      settings.s3_allowed_buckets)
-        roots = [p for p in (settings.artifact_dir, settings.work_dir) if p is not None]
-        self.checkpoints = CheckpointFetcher(roots, settings.artifact_s3_uri, self._artifact_s3_client)
+        self.checkpoints = CheckpointFetcher(settings.artifact_dir, settings.work_dir, settings.artifact_s3_uri,
+                                             self._artifact_s3_client)
         self.js = nc.jetstream()
         self.spools = SpoolDrainer(self.js, (settings.work_dir / "jobs").resolve())
         self.slots = Slots(settings.slots)
@@ -90,9 +90,14 @@ class Runner:
             return
         if reason is not None:
             log.info("job %s was cancelled while queued; not starting it", cmd.job_id)
-            await self._finish_unstarted(cmd, reason)
-            await job.unregister()
-            await self.slots.give(slot)
+            try:
+                await self._finish_unstarted(cmd, reason)
+            except Exception:
+                await self._retry_later(msg)  # the claim is ours: the redelivery finds it and ends nothing twice
+                raise
+            finally:
+                await job.unregister()
+                await self.slots.give(slot)
             await msg.ack()
             return
         self.jobs[cmd.job_id] = job
@@ -125,6 +130,7 @@ class Runner:
         try:
             await job.run()
         finally:
+            job.close()
             self.jobs.pop(job.cmd.job_id, None)
             await self.slots.give(slot)
 
@@ -177,9 +183,17 @@ class Runner:
         log.warning("job %s attempt %s failed: %s", ref.job_id, ref.attempt, reason)
 
     async def _finish_unstarted(self, cmd: StartJob, reason: str) -> None:
-        ev = Event.new(job_id=cmd.job_id, project=cmd.spec.project, attempt=cmd.attempt, seq=1, source="runner",
-                       data=JobFinished(status=JobStatus.cancelled, reason=reason, exit_class=ExitClass.cancelled))
-        await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
+        """End a job cancelled while queued; if NATS does not take that, give the claim back so that the
+        command, redelivered, is handled again (not dropped as a duplicate)."""
+        ev = Event(id=f"{cmd.job_id}-{cmd.attempt}-cancelled-queued", time=utcnow(), job_id=cmd.job_id,
+                   project=cmd.spec.project, attempt=cmd.attempt, seq=1, source="runner",
+                   data=JobFinished(status=JobStatus.cancelled, reason=reason, exit_class=ExitClass.cancelled))
+        try:
+            await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
+        except Exception:
+            with contextlib.suppress(Exception):
+                await self.kv.delete(f"{cmd.job_id}.{cmd.attempt}")
+            raise
 
     async def on_cancel(self, raw: Msg) -> None:
         try:
@@ -219,7 +233,8 @@ class Runner:
         if self.tasks:
             done, pending = await asyncio.wait(set(self.tasks), timeout=grace_s)
             for job in list(self.jobs.values()):
-                job.hand_back = True
+                if job.cancel_reason is None:  # a job its user cancelled meanwhile ends cancelled, not handed back
+                    job.hand_back = True
                 job.cancel("runner shut down before the job finished")
             if pending:
                 await asyncio.wait(pending, timeout=self.settings.cancel_grace_s + self.settings.kill_grace_s + 10)

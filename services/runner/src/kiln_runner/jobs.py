@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from kiln_contracts import (
@@ -49,11 +49,12 @@ class RunningJob:
         self.fenced = False  # the reaper declared this attempt lost: report nothing terminal
         self.dir = (settings.work_dir / "jobs" / f"{cmd.job_id}-{cmd.attempt}").resolve()
         self.spools = spools
-        self.events = JobEvents(js, cmd, spool=spools.spool(self.dir / RUNNER_SPOOL) if spools else None,
+        self.events = JobEvents(js, cmd, spool=spools.attach(self.dir / RUNNER_SPOOL) if spools else None,
                                 spooled=spools.wake if spools else None)
         self.proc: asyncio.subprocess.Process | None = None
         self.cancel_reason: str | None = None
         self.hand_back = False  # runner shutdown: requeue as the next attempt instead of ending the job
+        self.no_retry = False  # a failure that no retry can fix (its checkpoint cannot be used)
         self._cancel_event = asyncio.Event()
 
     # --- control from outside -------------------------------------------------------------------------
@@ -74,30 +75,37 @@ class RunningJob:
             outcome = await self._run(host)
         except DatasetError as exc:
             outcome = Outcome(JobStatus.failed, ExitClass.user_error, str(exc))
-        except CheckpointError as exc:
+        except CheckpointError as exc:  # the same checkpoint would fail the same way again: not retried
+            self.no_retry = True
             outcome = Outcome(JobStatus.failed, ExitClass.infrastructure, str(exc))
         except Exception as exc:  # noqa: BLE001 - a runner bug or a broken host must still end the job
             log.exception("job %s failed in the runner", self.cmd.job_id)
             outcome = Outcome(JobStatus.failed, ExitClass.infrastructure, f"runner error: {exc}")
         await self.events.flush_logs()
-        await self._unregister()
-        if self.hand_back and outcome.status == JobStatus.cancelled:
-            await self._requeue(f"runner {self.settings.runner_id} shut down; handed back")
-            return outcome
         if self.fenced:
             log.warning("job %s attempt %s was taken over by the reaper; not reporting its end", self.cmd.job_id,
                         self.cmd.attempt)
             return outcome
-        delay = None if self.cancel_reason is not None else retry_after(self.cmd.spec, self.cmd.attempt, outcome)
-        if delay is not None:
-            await self._requeue(f"attempt {self.cmd.attempt} failed ({outcome.exit_class.value}: "
-                                f"{outcome.reason[:300]}); retrying in {delay:.0f}s", delay_s=delay)
+        if self.hand_back and outcome.status == JobStatus.cancelled:
+            await self._requeue_or_leave(f"runner {self.settings.runner_id} shut down; handed back")
             return outcome
+        retry = self.cancel_reason is None and not self.no_retry
+        delay = retry_after(self.cmd.spec, self.cmd.attempt, outcome) if retry else None
+        if delay is not None:
+            await self._requeue_or_leave(f"attempt {self.cmd.attempt} failed ({outcome.exit_class.value}: "
+                                         f"{outcome.reason[:300]}); retrying in {delay:.0f}s", delay_s=delay)
+            return outcome
+        await self._unregister()
         code = self.proc.returncode if self.proc else None
         await self.events.emit(JobFinished(status=outcome.status, reason=outcome.reason, exit_code=code,
                                            exit_class=outcome.exit_class, last_logs=list(self.events.tail)))
         log.info("job %s attempt %s: %s %s", self.cmd.job_id, self.cmd.attempt, outcome.status.value, outcome.reason)
         return outcome
+
+    def close(self) -> None:
+        """The attempt is over (whatever the path): its runner spool is forgotten once published."""
+        if self.spools is not None:
+            self.spools.detach(self.dir / RUNNER_SPOOL)
 
     def _env(self, dataset: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_PREFIXES)}
@@ -188,9 +196,24 @@ class RunningJob:
         if self.checkpoints is None:
             raise CheckpointError(f"resume checkpoint {uri}: this runner cannot fetch checkpoints")
         self.events.line(f"kiln: fetching the checkpoint of epoch {self.cmd.resume_epoch or '?'} from {uri}", "runner")
-        self.resume_path = await self.checkpoints.fetch(uri, self.cmd.resume_sha256, self.dir / "resume")
+        self.resume_path = await self.checkpoints.fetch(uri, self.cmd.resume_sha256, self.dir / "resume",
+                                                        self.cmd.spec.project, self.cmd.job_id)
         digest = self.cmd.resume_sha256 or "not recorded"
         self.events.line(f"kiln: resuming from {self.resume_path.name} (SHA-256 {digest})", "runner")
+
+    async def _requeue_or_leave(self, why: str, delay_s: float = 0.0) -> None:
+        """Queue the next attempt, then leave the registry; if NATS does not take the command, stay in the
+        registry: the reaper then sees this attempt go silent and retries it (or ends it) itself."""
+        for delay in (0.5, 1.0, 2.0, 4.0, 0.0):
+            try:
+                await self._requeue(why, delay_s)
+                break
+            except Exception as exc:  # noqa: BLE001 - the bus is away
+                if not delay:
+                    log.error("job %s: next attempt not queued (%s); left to the reaper", self.cmd.job_id, exc)
+                    return
+                await asyncio.sleep(delay)
+        await self._unregister()
 
     async def _requeue(self, why: str, delay_s: float = 0.0) -> None:
         """Publish the next attempt (resuming from the last stored checkpoint) for another runner; no terminal event.
@@ -269,9 +292,27 @@ class RunningJob:
                 self._reg_rev = await self.registry.update(self.registry_key, json.dumps(rec).encode(),
                                                            last=self._reg_rev)
         except KeyWrongLastSequenceError:
-            self.fenced = True
+            # Either the reaper took the attempt over (it deletes the entry), or an update sent while the client
+            # was reconnecting was applied late and our revision is stale: only the first is fencing.
+            if (rev := await self._own_revision()) is None:
+                self.fenced = True
+            else:
+                self._reg_rev = rev
         except Exception as exc:  # noqa: BLE001 - bus trouble: try again at the next beat
             log.warning("registry update of %s failed: %s", self.registry_key, exc)
+
+    async def _own_revision(self) -> int | None:
+        """The revision of this attempt's entry when it is still ours (same runner), else None (taken over)."""
+        assert self.registry is not None
+        try:
+            entry = await self.registry.get(self.registry_key)
+            held = json.loads(entry.value or b"{}")
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        except Exception as exc:  # noqa: BLE001 - bus trouble: not fenced on a guess; the next beat looks again
+            log.warning("registry read of %s failed: %s", self.registry_key, exc)
+            return self._reg_rev
+        return entry.revision if held.get("runner") == self.settings.runner_id else None
 
     async def _unregister(self) -> None:
         """Leave the running registry; while NATS is away, keep trying in the background (an entry left behind
@@ -289,7 +330,10 @@ class RunningJob:
             await self.registry.delete(self.registry_key, last=self._reg_rev)
             return True
         except KeyWrongLastSequenceError:
-            return True  # the reaper took it over meanwhile: not ours to delete any more
+            if (rev := await self._own_revision()) is None:
+                return True  # the reaper took it over meanwhile: not ours to delete any more
+            self._reg_rev = rev  # a late update made our revision stale: delete at the current one
+            return False
         except Exception as exc:  # noqa: BLE001 - bus trouble: retried
             log.warning("registry delete of %s failed: %s", self.registry_key, exc)
             return False

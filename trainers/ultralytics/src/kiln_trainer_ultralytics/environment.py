@@ -21,10 +21,14 @@ def prepare(job_dir: Path) -> Path:
     * ``check_font("Arial.ttf")`` runs during dataset checks even with ``plots=False`` and would download: any
       TTF at ``$YOLO_CONFIG_DIR/Ultralytics/Arial.ttf`` satisfies it, so matplotlib's DejaVuSans is copied there.
     * ``PYTEST_CURRENT_TEST`` (inherited from a test run) makes Ultralytics behave as if under pytest.
+    * ``ULTRALYTICS_SAFE_LOAD=1``: weights load with ``torch.load(weights_only=True)`` and an allow-list of model
+      classes (no pickle code runs), and a model YAML's ``activation`` is parsed, not ``eval()``-ed: a ``.pt`` or
+      ``.yaml`` model that someone could write (a bucket, a shared folder) cannot run code on the runner.
     """
     config_dir = job_dir / "yolo-config"
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ["YOLO_AUTOINSTALL"] = "0"
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"
     os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
     os.environ.pop("PYTEST_CURRENT_TEST", None)
     font = config_dir / "Ultralytics" / "Arial.ttf"

@@ -66,4 +66,8 @@ class JobEvents:
         if self._lines:
             lines, self._lines = self._lines, []
             for i in range(0, len(lines), 500):
-                await self.emit(LogBatch(lines=lines[i : i + 500]))
+                try:
+                    await self.emit(LogBatch(lines=lines[i : i + 500]))
+                except BaseException:  # cancelled mid-way (the flush loop stops): the final flush sends them
+                    self._lines = lines[i:] + self._lines
+                    raise

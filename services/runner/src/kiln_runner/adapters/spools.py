@@ -26,7 +26,9 @@ class SpoolDrainer:
     def __init__(self, js: JetStreamContext, jobs_dir: Path, interval_s: float = 2.0) -> None:
         self.js, self.jobs_dir, self.interval_s = js, jobs_dir, interval_s
         self._spools: dict[Path, Spool] = {}
+        self._live: set[Path] = set()  # spools a running attempt appends to: kept even when empty
         self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()  # one drain at a time: two would commit each other's offsets
 
     def spool(self, folder: Path) -> Spool:
         """The one :class:`Spool` of ``folder`` in this process (the runner's events append to it, this drains it)."""
@@ -34,6 +36,15 @@ class SpoolDrainer:
         if folder not in self._spools:
             self._spools[folder] = Spool(folder)
         return self._spools[folder]
+
+    def attach(self, folder: Path) -> Spool:
+        """The spool a running attempt writes its own events to (kept until :meth:`detach`)."""
+        self._live.add(folder.resolve())
+        return self.spool(folder)
+
+    def detach(self, folder: Path) -> None:
+        """The attempt has ended: once its spool is published it is forgotten."""
+        self._live.discard(folder.resolve())
 
     def adopt_trainer_spool(self, job_dir: Path) -> None:
         """A trainer has exited: whatever it left in its spool (and its DDP workers') is ours to publish."""
@@ -61,21 +72,22 @@ class SpoolDrainer:
 
     async def drain_once(self, timeout: float = 5.0) -> bool:
         """Publish what is pending; True when nothing is left."""
-        left = False
-        for folder, sp in sorted(self._spools.items(), key=_order):
-            if not sp.pending:
-                continue
-            try:
-                sent, failed = await drain_spool(self.js, sp, timeout=timeout)
-            except Exception as exc:  # noqa: BLE001 - NATS away: the next pass tries again
-                log.debug("spool %s not drained yet: %s", folder, exc)
-                return False
-            if sent:
-                log.info("published %d spooled event(s) from %s", sent, folder)
-            left |= failed
-            if failed:
-                return False
-        return not left
+        async with self._lock:
+            for folder, sp in sorted(self._spools.items(), key=_order):
+                if not sp.pending:
+                    if folder not in self._live:
+                        del self._spools[folder]  # published, and nobody writes to it any more
+                    continue
+                try:
+                    sent, failed = await drain_spool(self.js, sp, timeout=timeout)
+                except Exception as exc:  # noqa: BLE001 - NATS away: the next pass tries again
+                    log.debug("spool %s not drained yet: %s", folder, exc)
+                    return False
+                if sent:
+                    log.info("published %d spooled event(s) from %s", sent, folder)
+                if failed:
+                    return False
+            return True
 
     async def run(self, stop: asyncio.Event) -> None:
         self.scan()
