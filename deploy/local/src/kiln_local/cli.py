@@ -42,12 +42,25 @@ def _ctl(stack: Stack) -> str:
     return f"{Path(sys.executable).parent / 'supervisorctl'} -c {stack.conf}"
 
 
+def _without_password(url: str) -> str:
+    """``url`` with its password (if any) masked, for the terminal.
+
+    >>> _without_password("postgresql+asyncpg://kiln:s3cret@db:5432/kiln")
+    'postgresql+asyncpg://kiln:***@db:5432/kiln'
+    """
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
 def _where(stack: Stack) -> str:
     return (f"  API      {stack.api_url}/api/v1   (OpenAPI docs: {stack.api_url}/docs)\n"
             f"  Web      {stack.api_url}/\n"
             f"  Live     {stack.ws_url}/api/v1/ws/jobs/<job_id>\n"
             f"  NATS     {stack.nats_url}\n"
-            f"  Database {stack.db_url}\n"
+            f"  Database {_without_password(stack.db_url)}\n"
             f"  Logs     {stack.data_dir / 'logs'}   (supervisord.log: restarts and stops)\n"
             f"  Control  {_ctl(stack)} status|restart {GROUP}:<service>")
 

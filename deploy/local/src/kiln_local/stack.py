@@ -136,8 +136,8 @@ class Stack:
                 raise SystemExit(f"port {self.cfg.nats_port} is taken; choose another with --nats-port")
             nats = Program("nats", [nats_server_bin(), "-js", "-a", "127.0.0.1", "-p", str(self.cfg.nats_port),
                                     "-sd", str(self.data_dir / "nats")])
-        subprocess.run([sys.executable, "-m", "kiln_store", "upgrade", self.db_url], check=True, cwd=self.data_dir,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "kiln_store", "upgrade"], check=True, cwd=self.data_dir,
+                       stdout=subprocess.DEVNULL, env={**os.environ, "KILN_DATABASE_URL": self.db_url})
         services = self.services()
         self.names = [p.name for p in services] + ([nats.name] if nats else [])
         try:

@@ -82,6 +82,9 @@ class RunningJob:
             log.exception("job %s failed in the runner", self.cmd.job_id)
             outcome = Outcome(JobStatus.failed, ExitClass.infrastructure, f"runner error: {exc}")
         await self.events.flush_logs()
+        if not self.fenced and self.registry is not None and self._reg_rev:
+            # A runner that was frozen may learn only now that the reaper took the attempt over: ask before the end.
+            self.fenced = await self._own_revision() is None
         if self.fenced:
             log.warning("job %s attempt %s was taken over by the reaper; not reporting its end", self.cmd.job_id,
                         self.cmd.attempt)

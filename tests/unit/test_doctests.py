@@ -1,0 +1,15 @@
+"""The examples in the docstrings of pure modules are tests too."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["kiln_local.cli", "kiln_api.errors", "kiln_sdk.integrations._resume",
+           "kiln_trainer_ultralytics.dataset", "kiln_runner.domain"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0 and result.failed == 0
