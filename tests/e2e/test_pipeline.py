@@ -4,6 +4,7 @@
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from kiln_local.synth import make_detection_dataset
 from kiln_store import make_engine, metric_events
 
 pytestmark = pytest.mark.e2e
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 TRAIN = {"epochs": 2, "imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "warmup_epochs": 0, "seed": 0}
 
 
@@ -31,6 +33,24 @@ def stack(tmp_path, db_url):
         yield s
 
 
+def assert_valid_against_the_published_schemas(events: list[dict]) -> None:
+    """Every event of a real run validates with a standard JSON Schema validator against both published documents:
+    docs/events.schema.json on its own, and the Event schema inside docs/asyncapi.json."""
+    from jsonschema import Draft202012Validator
+
+    standalone = json.loads((DOCS / "events.schema.json").read_text())
+    asyncapi = json.loads((DOCS / "asyncapi.json").read_text())
+    validators = [Draft202012Validator(standalone),
+                  Draft202012Validator({**asyncapi, "$ref": "#/components/schemas/Event"})]
+    for v in validators:
+        for ev in events:
+            v.validate(ev)
+    kinds = {ev["data"]["kind"] for ev in events}
+    assert kinds >= {"status", "heartbeat", "progress", "metrics", "epoch", "artifact", "log", "finished"}, kinds
+    bad = dict(events[0], data={**events[0]["data"], "kind": "no-such-kind"})
+    assert not all(v.is_valid(bad) for v in validators)  # the schemas do reject what is not an event
+
+
 def wait_status(api: str, job_id: str, want: set[str], timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     job = {}
@@ -44,7 +64,7 @@ def wait_status(api: str, job_id: str, want: set[str], timeout: float = 120) -> 
 
 async def collect_until_finished(ws_url: str, job_id: str, timeout: float = 180) -> list[dict]:
     received = []
-    async with websockets.connect(f"{ws_url}/api/v1/ws/jobs/{job_id}", max_size=None) as ws:
+    async with websockets.connect(f"{ws_url}/api/v1/ws/jobs/{job_id}?heartbeats=true", max_size=None) as ws:
         async with asyncio.timeout(timeout):
             async for raw in ws:
                 msg = json.loads(raw)
@@ -74,6 +94,7 @@ def test_rest_to_training_to_db_to_websocket(stack, dataset, db_url):
 
     received = asyncio.run(scenario())
     kinds = [m["event"]["data"]["kind"] for m in received]
+    assert_valid_against_the_published_schemas([m["event"] for m in received])
     epochs = [m["event"]["data"]["epoch"] for m in received if m["event"]["data"]["kind"] == "epoch"]
     assert epochs == [1, 2], kinds
     statuses = [m["event"]["data"]["status"] for m in received if m["event"]["data"]["kind"] in ("status", "finished")]

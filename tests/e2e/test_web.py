@@ -228,6 +228,9 @@ def test_start_watch_resume_compare_and_cancel_in_a_browser(browser_page, stack,
     page.click(".job-head button:has-text('Confirm cancel')")
     page.wait_for_selector(".job-head .chip[data-status='cancelled']", timeout=60_000)
     page.wait_for_selector(".failure:has-text('Cancelled')")
+    panel = page.locator(".failure").inner_text()
+    assert "exit code" not in panel, panel  # a cancel someone asked for is not a crash
+    assert "\x1b" not in panel and "[K" not in panel, panel  # the trainer's last lines without terminal codes
     assert wait_api(api, long_id, {"cancelled"}, timeout=30)["status"] == "cancelled"
 
     # Compare overlays the same metric of both jobs.

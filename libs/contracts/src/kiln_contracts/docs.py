@@ -19,13 +19,31 @@ from .commands import CancelJob, StartJob
 from .events import PAYLOADS, Event
 
 _REF = "#/components/schemas/{model}"
+_DEFS_REF = "#/$defs/{model}"
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+NATS_PORT = 14222  # the bundled nats-server of `kiln up`
 
 
-def json_schemas() -> dict[str, Any]:
-    """JSON Schema of the envelope, every payload and the commands, in one ``$defs`` document."""
+def json_schemas(ref_template: str = _REF) -> dict[str, Any]:
+    """JSON Schema of the envelope, every payload and the commands, keyed by model name.
+
+    References between them follow ``ref_template``: ``#/components/schemas/...`` inside the AsyncAPI document,
+    ``#/$defs/...`` in the standalone schema file.
+    """
     models: list[type[BaseModel]] = [Event, StartJob, CancelJob, *PAYLOADS]
-    _, top = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
+    _, top = models_json_schema([(m, "validation") for m in models], ref_template=ref_template)
     return top.get("$defs", {})
+
+
+def events_schema() -> dict[str, Any]:
+    """``docs/events.schema.json``: a standalone JSON Schema (2020-12) that validates one Kiln event.
+
+    Every message schema is in ``$defs`` (``StartJob``, ``CancelJob`` and each payload too); validate another one
+    with ``{"$ref": "<file>#/$defs/StartJob"}``.
+    """
+    return {"$schema": DIALECT, "$id": "https://kiln.dev/schemas/events.schema.json", "title": "Kiln event",
+            "description": "One Kiln event envelope (KILN_EVENTS and KILN_LOGS); data.kind selects the payload.",
+            "$ref": "#/$defs/Event", "$defs": json_schemas(_DEFS_REF)}
 
 
 def _message(name: str, summary: str, payload_ref: str, msg_id: str) -> dict[str, Any]:
@@ -85,14 +103,18 @@ def asyncapi() -> dict[str, Any]:
                  "description": "Commands and events of Kiln on NATS JetStream. Every event is one Event envelope; "
                                 "consumers de-duplicate on its id (also the Nats-Msg-Id) and ignore unknown fields."},
         "defaultContentType": "application/json",
-        "servers": {"local": {"host": "127.0.0.1:4222", "protocol": "nats"}},
+        "servers": {"local": {"host": "{host}:{port}", "protocol": "nats",
+                              "description": "The NATS of a Kiln installation; `kiln up` runs one on 127.0.0.1:14222.",
+                              "variables": {"host": {"default": "127.0.0.1", "description": "NATS host."},
+                                            "port": {"default": str(NATS_PORT), "description": "NATS client port "
+                                                     "(14222 with `kiln up`, 4222 for a stand-alone nats-server)."}}}},
         "channels": channels, "operations": operations, "components": {"schemas": schemas},
     }
 
 
 def write(out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {out_dir / "asyncapi.json": asyncapi(), out_dir / "events.schema.json": {"$defs": json_schemas()}}
+    files = {out_dir / "asyncapi.json": asyncapi(), out_dir / "events.schema.json": events_schema()}
     for path, doc in files.items():
         path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return list(files)

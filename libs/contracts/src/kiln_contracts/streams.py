@@ -53,10 +53,12 @@ STREAMS = (JOBS, EVENTS, LOGS, DLQ)
 
 CLAIMS_BUCKET = "kiln_claims"
 """KV bucket: key ``<job_id>.<attempt>`` created atomically by the runner that claims the attempt;
-``<job_id>.cancel`` set by the API when a job is cancelled (checked before spawning)."""
+``<job_id>.cancel`` set by the API when a job is cancelled (read before the claim, and by the runner holding the
+job after a reconnect and every few seconds)."""
 RUNNING_BUCKET = "kiln_running"
-"""KV bucket: key ``<job_id>`` -> the running attempt (runner, StartJob, last checkpoint), rewritten at every
-heartbeat and deleted when the attempt ends.  The reaper treats a key whose revision stops moving as lost."""
+"""KV bucket: key ``<job_id>.<attempt>`` -> the running attempt (runner, StartJob, pid, and the stored resumable
+checkpoint: uri, sha256, epoch), rewritten at every heartbeat with compare-and-set and deleted when the attempt
+ends.  The reaper treats a key whose revision stops moving as lost, and deletes it before it acts (fencing)."""
 LEASES_BUCKET = "kiln_leases"
 """KV bucket: leader leases (key ``reaper``), taken and renewed with compare-and-set."""
 BUCKETS = ((CLAIMS_BUCKET, 30 * DAY), (RUNNING_BUCKET, 0.0), (LEASES_BUCKET, 0.0))

@@ -10,8 +10,7 @@ from collections.abc import Callable
 from kiln_sdk.spool import Spool
 from nats.js import JetStreamContext
 
-from kiln_contracts import Event, LogBatch, LogLine, StartJob
-from kiln_contracts.events import _Payload
+from kiln_contracts import Event, EventData, LogBatch, LogLine, StartJob
 
 log = logging.getLogger("kiln.runner")
 PUBLISH_TIMEOUT_S = 2.0
@@ -28,7 +27,7 @@ class JobEvents:
         self._lines: list[LogLine] = []
         self._lock = asyncio.Lock()
 
-    async def emit(self, data: _Payload) -> None:
+    async def emit(self, data: EventData) -> None:
         """Publish (acked, msg id = event id); when NATS does not take it within a few seconds, spool it.
 
         Once one event waits in the spool, the next ones queue behind it there (the order is kept) until the

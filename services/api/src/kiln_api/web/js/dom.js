@@ -130,6 +130,15 @@ export function debounce(fn, ms) {
   return wrapped;
 }
 
+// Colour and cursor codes of terminal output (ESC [ ... letter) mean nothing in a web page: every place that shows
+// log text goes through logText.
+const ANSI = /\x1b\[[0-9;?]*[A-Za-z]/g;
+
+/** A log line as the page shows it: without terminal control sequences. */
+export function logText(text) {
+  return (text || "").replace(ANSI, "");
+}
+
 let toastHost = null;
 
 /** A short message at the bottom of the page; `kind` is "error" or "info". */

@@ -165,7 +165,8 @@ export function formView(root, {params, navigate, openapi}) {
     try {
       const job = await api.create(body());
       showErrors({});
-      toast(`Job ${job.name || job.id} ${job.status}`);
+      // What was done, not a status: the job page shows the status, which may have moved on already.
+      toast(`Job ${job.name || job.id} ${job.status === "created" ? "created" : "created and started"}`);
       navigate(`#/jobs/${encodeURIComponent(job.id)}`);
     } catch (err) {
       if (err instanceof ApiError && err.status === 422) showErrors(normalise(fieldErrors(err.detail)));

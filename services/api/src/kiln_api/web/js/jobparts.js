@@ -1,6 +1,6 @@
 // Pieces of the job page that are pure functions of the job's state: each returns fresh elements.
 
-import {ACTIVE, bytes, clock, duration, h, num, runSeconds, shortMetric, statusChip} from "./dom.js";
+import {ACTIVE, bytes, clock, duration, h, logText, num, runSeconds, shortMetric, statusChip} from "./dom.js";
 
 /** Overall progress (epochs) and the current epoch's batches, with speed and a locally ticking ETA. */
 export function progressPanel(job, progress) {
@@ -43,13 +43,15 @@ function bar(fraction, cls, label) {
 /** Why an attempt ended badly, with the trainer's last lines when the finished event carried them. */
 export function failurePanel(job, lastLogs) {
   if (job.status === "completed" || ACTIVE.has(job.status)) return null;
-  const exit = [job.exit_code !== null && job.exit_code !== undefined ? `exit code ${job.exit_code}` : null,
+  // A cancel is what someone asked for: its exit code and class say nothing more.
+  const exit = job.status === "cancelled" ? "" : [
+    job.exit_code !== null && job.exit_code !== undefined ? `exit code ${job.exit_code}` : null,
     job.exit_class].filter(Boolean).join(", ");
   return h("section", {class: `card failure failure-${job.status}`},
     h("strong", {}, job.status === "cancelled" ? "Cancelled" : job.status === "lost" ? "Lost" : "Failed"),
     job.reason ? h("span", {class: "failure-reason"}, `: ${job.reason}`) : null,
     exit ? h("span", {class: "muted"}, ` (${exit})`) : null,
-    lastLogs && lastLogs.length ? h("pre", {class: "last-logs"}, lastLogs.join("\n")) : null);
+    lastLogs && lastLogs.length ? h("pre", {class: "last-logs"}, lastLogs.map(logText).join("\n")) : null);
 }
 
 export function timelinePanel(timeline) {

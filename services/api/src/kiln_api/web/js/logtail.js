@@ -5,12 +5,10 @@
 // are kept in time order, the API's order: the trainer's own log lines (through the SDK) and the output the runner
 // captures come through different publishers, so a line may arrive after a later one from the other source.
 
-import {h} from "./dom.js";
+import {h, logText} from "./dom.js";
 
 const FOLLOW_SLACK_PX = 24;
 
-// Colour and cursor codes from progress bars (ESC [ ... letter) mean nothing in a web page.
-const ANSI = /\x1b\[[0-9;?]*[A-Za-z]/g;
 
 /** Microseconds since the epoch from an ISO time (Date.parse stops at milliseconds; log lines come faster). */
 export function micros(iso) {
@@ -78,7 +76,7 @@ export class LogTail {
     let lastT = this.lines.lastElementChild ? Number(this.lines.lastElementChild.dataset.t) : -Infinity;
     for (const [stream, text, t] of rows) {
       const line = h("div", {class: `log-line log-${stream}`, dataset: {t: String(t)}},
-        (text || "").replace(ANSI, "") || " ");
+        logText(text) || " ");
       if (!(t < lastT)) {  // the usual case: not older than anything shown (or no time)
         frag.append(line);
         lastT = t;
