@@ -8,9 +8,6 @@ found"), and a frozen runner's retry raced the old trainer that was still rewrit
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
 import signal
 import sys
 import time

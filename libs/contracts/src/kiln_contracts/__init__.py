@@ -23,7 +23,8 @@ from .events import (
 
 __all__ = [
     "SCHEMA_VERSION", "CancelJob", "JobSpec", "Optimizer", "StartJob", "Task", "TrainArgs", "utcnow",
-    "PAYLOADS", "TERMINAL", "ArtifactStored", "EpochCompleted", "Event", "EventData", "ExitClass", "Heartbeat", "JobFinished",
+    "PAYLOADS", "TERMINAL", "ArtifactStored", "EpochCompleted", "Event", "EventData", "ExitClass", "Heartbeat",
+    "JobFinished",
     "JobStatus", "JobStatusChanged", "LogBatch", "LogLine", "MetricsLogged", "Progress", "status_wins",
     "streams", "subjects",
 ]

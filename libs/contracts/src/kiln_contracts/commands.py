@@ -64,7 +64,8 @@ class TrainArgs(BaseModel):
 
     epochs: StrictInt = Field(10, ge=1, le=10_000, description="Number of training epochs.")
     imgsz: StrictInt = Field(640, ge=32, le=8192, description="Input image size in pixels (multiple of 32).")
-    batch: StrictInt = Field(16, ge=-1, le=4096, description="Batch size; -1 lets Ultralytics choose (AutoBatch, GPU only).")
+    batch: StrictInt = Field(16, ge=-1, le=4096,
+                             description="Batch size; -1 lets Ultralytics choose (AutoBatch, GPU only).")
     device: str | None = Field(None, pattern=r"^(cpu|mps|\d+(,\d+)*)$", description="Device; normally set by the runner's slot.")
     workers: StrictInt = Field(0, ge=0, le=64, description="Data loader worker processes.")
     seed: StrictInt = Field(0, ge=0, le=2**32 - 1, description="Random seed (recorded for reproducibility).")
@@ -96,7 +97,8 @@ class TrainArgs(BaseModel):
     cache: Literal[False, "ram", "disk"] = Field(False, description="Cache images in RAM or on disk.")
     val: StrictBool = Field(True, description="Validate every epoch.")
     plots: StrictBool = Field(False, description="Write Ultralytics plots (off by default: needs fonts).")
-    save_period: StrictInt = Field(-1, ge=-1, le=10_000, description="Save a checkpoint every N epochs (-1: only last/best).")
+    save_period: StrictInt = Field(-1, ge=-1, le=10_000,
+                                   description="Save a checkpoint every N epochs (-1: only last/best).")
 
     @field_validator("imgsz")
     @classmethod
@@ -157,7 +159,8 @@ class JobSpec(BaseModel):
     @classmethod
     def _model_kind(cls, v: str) -> str:
         if "://" in v or v.startswith("//"):
-            raise ValueError("model must be a model YAML name or a path on the runner, not a URL (nothing is downloaded)")
+            raise ValueError("model must be a model YAML name or a path on the runner, "
+                             "not a URL (nothing is downloaded)")
         if not v.endswith((".yaml", ".yml", ".pt")):
             raise ValueError("model must be a model YAML (.yaml/.yml) or a weights file (.pt)")
         if "\x00" in v or ".." in v.split("/"):
@@ -193,8 +196,10 @@ class StartJob(BaseModel):
         None, description="Checkpoint to resume from (a retried attempt): where the artifact store holds the earlier "
                           "attempt's resumable checkpoint (s3:// URI or a path in the runners' artifact folder).")
     resume_sha256: str | None = Field(
-        None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 the fetched checkpoint must have; else the attempt fails.")
-    resume_epoch: int | None = Field(None, ge=1, description="Last epoch the checkpoint holds (training goes on after it).")
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 the fetched checkpoint must have; else the attempt fails.")
+    resume_epoch: int | None = Field(
+        None, ge=1, description="Last epoch the checkpoint holds (training goes on after it).")
     not_before: datetime | None = Field(
         None, description="A retry after a failure waits until then (its backoff); a runner that gets it earlier "
                           "puts it back until that time.")
