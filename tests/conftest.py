@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -102,3 +103,21 @@ def s3():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture()
+def runners(nats_server, tmp_path):
+    """Starts real runner processes (stand-in trainer unless told otherwise); all are killed at the end."""
+    from kiln_testing.runners import RunnerProc
+
+    procs: list[RunnerProc] = []
+
+    def start(name: str, url: str | None = None, **kw) -> RunnerProc:
+        r = RunnerProc(url or nats_server.url, tmp_path / "runners", name, tmp_path / "fake.log", **kw)
+        procs.append(r)
+        return r
+
+    yield start
+    for r in procs:
+        r.kill(signal.SIGKILL)
+        r.proc.wait()

@@ -8,7 +8,7 @@ import nats
 import pytest
 
 from kiln_contracts import JobStatus, streams
-from kiln_testing.runners import EventLog, RunnerProc, pid_alive, publish_start, read_fake_log, spec
+from kiln_testing.runners import EventLog, pid_alive, publish_start, read_fake_log, spec
 
 
 @pytest.fixture()
@@ -19,21 +19,6 @@ async def bus(nats_server):
     log = await EventLog().start(js)
     yield nc, js, log
     await nc.close()
-
-
-@pytest.fixture()
-def runners(nats_server, tmp_path):
-    procs: list[RunnerProc] = []
-
-    def start(name: str, **kw) -> RunnerProc:
-        r = RunnerProc(nats_server.url, tmp_path / "runners", name, tmp_path / "fake.log", **kw)
-        procs.append(r)
-        return r
-
-    yield start
-    for r in procs:
-        r.kill(signal.SIGKILL)
-        r.proc.wait()
 
 
 @pytest.fixture()

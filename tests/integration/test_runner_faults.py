@@ -29,21 +29,6 @@ async def bus(nats_server):
 
 
 @pytest.fixture()
-def runners(nats_server, tmp_path):
-    procs: list[RunnerProc] = []
-
-    def start(name: str, url: str | None = None, **kw) -> RunnerProc:
-        r = RunnerProc(url or nats_server.url, tmp_path / "runners", name, tmp_path / "fake.log", **kw)
-        procs.append(r)
-        return r
-
-    yield start
-    for r in procs:
-        r.kill(signal.SIGKILL)
-        r.proc.wait()
-
-
-@pytest.fixture()
 def dataset(tmp_path):
     d = tmp_path / "ds"
     d.mkdir()

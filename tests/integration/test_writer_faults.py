@@ -21,7 +21,8 @@ import pytest
 
 from kiln_contracts import streams
 from kiln_store import make_engine, upgrade
-from kiln_testing import free_port, pg_admin_url, pg_create_db, pg_drop_db
+from kiln_testing import pg_admin_url, pg_create_db, pg_drop_db
+from kiln_testing.proxy import TcpProxy
 from kiln_testing.writer import WriterProc
 
 @pytest.fixture()
@@ -121,53 +122,12 @@ async def _at_least(dsn: str, n: int) -> bool:
     return (await counts(dsn))[0] >= n
 
 
-class Proxy:
-    """A TCP proxy to PostgreSQL that can be cut (every connection closed, new ones refused) and restored."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target, self.port = target, free_port()
-        self.server: asyncio.base_events.Server | None = None
-        self.links: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> "Proxy":
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        return self
-
-    async def cut(self) -> None:
-        assert self.server
-        self.server.close()  # nothing listens: connecting is refused
-        for w in list(self.links):
-            w.transport.abort()
-        self.links.clear()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.links |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        self.links -= {writer, up_writer}
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.transport.abort()
-
-
 @pytest.mark.e2e
 async def test_postgresql_unreachable_for_30s_loses_and_duplicates_nothing(nats_server, pg_db, tmp_path):
     dsn = pg_admin_url(pg_db)
     host_port = pg_db.split("@", 1)[1].split("/", 1)[0]
     host, port = host_port.rsplit(":", 1) if ":" in host_port else (host_port, "5432")
-    proxy = await Proxy((host, int(port))).start()
+    proxy = await TcpProxy((host, int(port))).start()
     via_proxy = pg_db.replace(f"@{host_port}/", f"@127.0.0.1:{proxy.port}/")
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
@@ -214,8 +174,7 @@ async def test_postgresql_unreachable_for_30s_loses_and_duplicates_nothing(nats_
     finally:
         flowing.clear()
         await writer.stop()
-        if proxy.server:
-            proxy.server.close()
+        await proxy.close()
         await nc.close()
 
 
