@@ -1,6 +1,7 @@
 """Kiln contracts: the single source of subjects, stream/consumer configuration and event schemas."""
 
 from . import streams, subjects
+from .audit import AuditAction, AuditRecorded
 from .commands import SCHEMA_VERSION, CancelJob, JobSpec, Optimizer, StartJob, Task, TrainArgs, utcnow
 from .events import (
     PAYLOADS,
@@ -26,5 +27,5 @@ __all__ = [
     "PAYLOADS", "TERMINAL", "ArtifactStored", "EpochCompleted", "Event", "EventData", "ExitClass", "Heartbeat",
     "JobFinished",
     "JobStatus", "JobStatusChanged", "LogBatch", "LogLine", "MetricsLogged", "Progress", "status_wins",
-    "streams", "subjects",
+    "streams", "subjects", "AuditAction", "AuditRecorded",
 ]

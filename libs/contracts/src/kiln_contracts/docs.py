@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from . import streams, subjects
+from .audit import AuditRecorded
 from .commands import CancelJob, StartJob
 from .events import PAYLOADS, Event
 
@@ -30,7 +31,7 @@ def json_schemas(ref_template: str = _REF) -> dict[str, Any]:
     References between them follow ``ref_template``: ``#/components/schemas/...`` inside the AsyncAPI document,
     ``#/$defs/...`` in the standalone schema file.
     """
-    models: list[type[BaseModel]] = [Event, StartJob, CancelJob, *PAYLOADS]
+    models: list[type[BaseModel]] = [Event, StartJob, CancelJob, AuditRecorded, *PAYLOADS]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=ref_template)
     return top.get("$defs", {})
 
@@ -72,6 +73,14 @@ def asyncapi() -> dict[str, Any]:
                         "parameters": {"consumer": {"description": "Consumer that rejected it."}},
                         "messages": {"DeadLetter": {"name": "DeadLetter", "contentType": "application/octet-stream",
                                                     "payload": {"type": "string"}}}},
+        "audit": {"address": subjects.AUDIT_ADDRESS,
+                  "description": f"Stream {streams.AUDIT.name}. Who created, started, cancelled, re-ran a job, created "
+                                 "or revoked a key, changed a membership, created a user or project, signed in or "
+                                 "out. Project '_instance' holds records outside any project. Never holds a secret.",
+                  "parameters": {"project": {"description": "Project, or _instance."},
+                                 "action": {"description": "AuditAction value."}},
+                  "messages": {"AuditRecorded": _message("AuditRecorded", "One audited action.",
+                                                         _REF.format(model="AuditRecorded"), "the record id")}},
         "logs": {"address": subjects.LOG_ADDRESS,
                  "description": f"Stream {streams.LOGS.name}. Envelope with data.kind = 'log'.",
                  "parameters": {"project": {"description": "Project."}, "job_id": {"description": "Job id."}},

@@ -49,7 +49,16 @@ DLQ = api.StreamConfig(
     storage=api.StorageType.FILE,
     max_age=30 * DAY,
 )
-STREAMS = (JOBS, EVENTS, LOGS, DLQ)
+AUDIT = api.StreamConfig(
+    name="KILN_AUDIT",
+    description="Audit records: who created, started, cancelled, re-ran jobs and changed keys, members, projects.",
+    subjects=[subjects.AUDIT_ALL],
+    retention=api.RetentionPolicy.LIMITS,
+    storage=api.StorageType.FILE,
+    duplicate_window=3600.0,
+    max_age=400 * DAY,
+)
+STREAMS = (JOBS, EVENTS, LOGS, DLQ, AUDIT)
 
 CLAIMS_BUCKET = "kiln_claims"
 """KV bucket: key ``<job_id>.<attempt>`` created atomically by the runner that claims the attempt;

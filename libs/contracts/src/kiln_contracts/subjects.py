@@ -7,6 +7,7 @@ Tokens carry ids so that wildcards work::
     kiln.evt.<project>.<job_id>.<kind>         job events (stream KILN_EVENTS)
     kiln.log.<project>.<job_id>                log line batches (stream KILN_LOGS)
     kiln.dlq.<consumer>                        poison messages (stream KILN_DLQ)
+    kiln.audit.<project>.<action>              audit records (stream KILN_AUDIT)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ CANCEL_ALL = f"{PREFIX}.cmd.cancel.*"
 EVENTS_ALL = f"{PREFIX}.evt.>"
 LOGS_ALL = f"{PREFIX}.log.>"
 DLQ_ALL = f"{PREFIX}.dlq.>"
+AUDIT_ALL = f"{PREFIX}.audit.>"
 
 # Address templates (AsyncAPI notation) of the same subjects.
 START_ADDRESS = PREFIX + ".cmd.start.{pool}"
@@ -28,6 +30,7 @@ CANCEL_ADDRESS = PREFIX + ".cmd.cancel.{job_id}"
 EVENT_ADDRESS = PREFIX + ".evt.{project}.{job_id}.%s"
 LOG_ADDRESS = PREFIX + ".log.{project}.{job_id}"
 DLQ_ADDRESS = PREFIX + ".dlq.{consumer}"
+AUDIT_ADDRESS = PREFIX + ".audit.{project}.{action}"
 
 
 def token(value: str) -> str:
@@ -80,3 +83,8 @@ def job_logs(job_id: str, project: str = "*") -> str:
 def dlq(consumer: str) -> str:
     """Dead-letter subject of one consumer."""
     return f"{PREFIX}.dlq.{token(consumer)}"
+
+
+def audit(project: str, action: str) -> str:
+    """Subject of one audit record (``project`` is ``_instance`` for records outside any project)."""
+    return f"{PREFIX}.audit.{token(project)}.{token(action)}"

@@ -2,6 +2,8 @@
 
 Ownership (each table has one writer):
 - ``jobs``: the API (job specs, submissions, re-runs).
+- ``users``, ``projects``, ``memberships``, ``api_keys``, ``sessions``, ``audit_log``: the API (accounts, access,
+  and the record of who did what).
 - ``job_status``, ``status_events``, ``metric_events``, ``logs``, ``artifacts``: the metrics-writer (projections of
   events).
 """
@@ -11,7 +13,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from sqlalchemy import (
-    JSON, BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table, Text, TypeDecorator,
+    JSON, BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData, PrimaryKeyConstraint, String,
+    Table, Text, TypeDecorator,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -35,10 +38,81 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 metadata = MetaData()
 
+DEFAULT_PROJECT = "default"
+
+users = Table(
+    "users", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("is_owner", Boolean, nullable=False, default=False),  # instance-wide: creates projects and users
+    Column("oidc_subject", String(255), nullable=True, unique=True),  # the mapped claim of an OIDC token
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("disabled_at", UTCDateTime(), nullable=True),
+)
+
+projects = Table(
+    "projects", metadata,
+    Column("id", String(64), primary_key=True),  # also the <project> token of the job subjects
+    Column("description", Text, nullable=False, default=""),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("created_by", String(32), nullable=True),
+)
+
+memberships = Table(
+    "memberships", metadata,
+    Column("project_id", String(64), ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    Column("user_id", String(32), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("role", String(16), nullable=False),  # viewer, member, admin
+    Column("created_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("project_id", "user_id"),
+)
+
+api_keys = Table(
+    # Only the SHA-256 of a key is kept: keys carry 256 random bits, so a slow hash adds nothing but latency.
+    "api_keys", metadata,
+    Column("id", String(32), primary_key=True),  # the key's visible prefix, e.g. kiln_3f9a0c21d4
+    Column("user_id", String(32), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("name", String(200), nullable=False, default=""),
+    Column("hash", String(64), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("created_by", String(32), nullable=True),
+    Column("expires_at", UTCDateTime(), nullable=True),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("last_used_at", UTCDateTime(), nullable=True),
+)
+
+sessions = Table(
+    # Web page sign-ins: the cookie holds a random token, the table its SHA-256 and the CSRF token of the session.
+    "sessions", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("user_id", String(32), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("key_id", String(32), nullable=True),  # the API key signed in with: revoking it ends the session
+    Column("csrf", String(64), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+)
+
+audit_log = Table(
+    "audit_log", metadata,
+    Column("id", String(64), primary_key=True),  # also the event id of its bus event
+    Column("time", UTCDateTime(), nullable=False),
+    Column("actor", String(32), nullable=True),  # user id; NULL for the instance itself (first start)
+    Column("actor_name", String(200), nullable=False, default=""),
+    Column("credential", String(64), nullable=False, default=""),  # key prefix or session id, never a secret
+    Column("action", String(64), nullable=False),
+    Column("project", String(64), nullable=True),
+    Column("target", String(200), nullable=False, default=""),
+    Column("details", JSON, nullable=False, default=dict),
+    Column("published_at", UTCDateTime(), nullable=True),  # NULL until the bus stored its event
+    Index("ix_audit_log_project_time", "project", "time"),
+)
+
 jobs = Table(
     "jobs", metadata,
     Column("id", String(64), primary_key=True),
-    Column("project", String(64), nullable=False, index=True),
+    Column("project", String(64), ForeignKey("projects.id"), nullable=False, index=True),
     Column("name", String(200), nullable=False, default=""),
     Column("pool", String(64), nullable=False),
     Column("spec", JSON, nullable=False),
@@ -47,6 +121,7 @@ jobs = Table(
     Column("attempt", Integer, nullable=False, default=0),
     Column("rerun_of", String(64), nullable=True),
     Column("cancel_requested_at", UTCDateTime(), nullable=True),
+    Column("created_by", String(32), nullable=True),  # user id
 )
 
 job_status = Table(
