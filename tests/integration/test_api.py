@@ -4,20 +4,16 @@ import asyncio
 
 import nats
 import pytest
-from fastapi.testclient import TestClient
 
-from kiln_api.app import create_app
-from kiln_api.settings import Settings
 from kiln_contracts import StartJob, streams
+from kiln_testing.api import api_client
 
 SPEC = {"model": "yolov8n.yaml", "dataset": "/data/shapes", "train": {"epochs": 3, "imgsz": 64}}
 
 
 @pytest.fixture()
 def client(nats_server, tmp_path):
-    app = create_app(Settings(nats_url=nats_server.url, database_url=f"sqlite+aiosqlite:///{tmp_path / 'k.db'}",
-                              sweep_interval_s=3600))
-    with TestClient(app) as c:
+    with api_client(tmp_path, nats_url=nats_server.url) as c:
         yield c
 
 

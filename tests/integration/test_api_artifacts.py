@@ -6,12 +6,10 @@ from datetime import datetime, timezone
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from kiln_api.app import create_app
-from kiln_api.settings import Settings
 from kiln_store import artifacts, make_engine
 from kiln_testing import MotoS3
+from kiln_testing.api import api_client
 
 
 @pytest.fixture()
@@ -21,8 +19,7 @@ def setup(nats_server, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     s3 = MotoS3().start()
     db = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
-    app = create_app(Settings(nats_url=nats_server.url, database_url=db, artifact_s3_endpoint_url=s3.url))
-    with TestClient(app) as c:
+    with api_client(tmp_path, nats_url=nats_server.url, database_url=db, artifact_s3_endpoint_url=s3.url) as c:
         yield c, db, s3, tmp_path
     s3.stop()
 

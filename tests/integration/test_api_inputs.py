@@ -2,19 +2,15 @@
 500, and nothing that the trainer would refuse is accepted."""
 
 import pytest
-from fastapi.testclient import TestClient
+from kiln_testing.api import api_client
 
-from kiln_api.app import create_app
-from kiln_api.settings import Settings
 
 SPEC = '{"model": "yolov8n.yaml", "dataset": "/data/shapes", "train": {%s}}'
 
 
 @pytest.fixture()
 def client(nats_server, tmp_path):
-    app = create_app(Settings(nats_url=nats_server.url, database_url=f"sqlite+aiosqlite:///{tmp_path / 'k.db'}",
-                              sweep_interval_s=3600))
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with api_client(tmp_path, nats_url=nats_server.url, raise_server_exceptions=False) as c:
         yield c
 
 

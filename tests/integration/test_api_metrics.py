@@ -6,12 +6,10 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import insert
 
-from kiln_api.app import create_app
-from kiln_api.settings import Settings
 from kiln_store import make_engine, metric_events, upgrade
+from kiln_testing.api import api_client
 
 SPEC = {"model": "yolov8n.yaml", "dataset": "/data/shapes", "train": {"epochs": 3, "imgsz": 64}}
 STEPS = 100_000
@@ -37,9 +35,8 @@ async def _insert(db_url: str, job_id: str) -> None:
 
 
 @pytest.fixture()
-def client(nats_server, db_url):
-    app = create_app(Settings(nats_url=nats_server.url, database_url=db_url, sweep_interval_s=3600))
-    with TestClient(app) as c:
+def client(nats_server, db_url, tmp_path):
+    with api_client(tmp_path, nats_url=nats_server.url, database_url=db_url, sweep_interval_s=3600) as c:
         yield c
 
 

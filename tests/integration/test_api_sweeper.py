@@ -4,19 +4,16 @@ import asyncio
 from datetime import datetime, timedelta, timezone
 
 import nats
-from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from kiln_api.app import create_app
-from kiln_api.settings import Settings
 from kiln_contracts import StartJob, streams
 from kiln_store import jobs, make_engine
+from kiln_testing.api import api_client
 
 
 def test_sweeper_republishes_a_submitted_job_whose_start_never_reached_the_bus(nats_server, tmp_path):
     db = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
-    app = create_app(Settings(nats_url=nats_server.url, database_url=db, sweep_interval_s=0.3, sweep_after_s=1))
-    with TestClient(app) as client:
+    with api_client(tmp_path, nats_url=nats_server.url, database_url=db, sweep_interval_s=0.3, sweep_after_s=1) as client:
         job = client.post("/api/v1/jobs", json={"model": "yolov8n.yaml", "dataset": "/d"}).json()
 
         async def lose_the_publish():  # the state right after the commit, before the publish: submitted, not on the bus

@@ -11,20 +11,18 @@ from typing import Any
 
 import nats
 import pytest
-from fastapi.testclient import TestClient
 
-from kiln_api.app import create_app
-from kiln_api.settings import Settings
 from kiln_contracts import Event, JobStatus, JobStatusChanged, streams, utcnow
 from kiln_testing.writer import WriterProc
+from kiln_testing.api import api_client
 
 SPEC = {"model": "yolov8n.yaml", "dataset": "/data/shapes", "train": {"epochs": 3, "imgsz": 64}}
 
 
 @pytest.fixture()
 def api_and_writer(nats_server, db_url, tmp_path):
-    app = create_app(Settings(nats_url=nats_server.url, database_url=db_url, sweep_interval_s=3600))
-    with TestClient(app) as client:  # its lifespan applies the migrations before the writer starts
+    # its lifespan applies the migrations before the writer starts
+    with api_client(tmp_path, nats_url=nats_server.url, database_url=db_url) as client:
         writer = WriterProc(nats_server.url, db_url, tmp_path / "writer.log", batch_ms=20).start()
         try:
             asyncio.run(writer.ready())

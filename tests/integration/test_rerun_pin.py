@@ -8,12 +8,10 @@ import signal
 import time
 
 import pytest
-from fastapi.testclient import TestClient
 
-from kiln_api.app import create_app
-from kiln_api.settings import Settings
 from kiln_testing.runners import RunnerProc
 from kiln_testing.writer import WriterProc
+from kiln_testing.api import api_client
 
 TERMINAL = {"completed", "failed", "cancelled", "lost"}
 
@@ -21,8 +19,7 @@ TERMINAL = {"completed", "failed", "cancelled", "lost"}
 @pytest.fixture()
 def stack(nats_server, tmp_path):
     db = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
-    app = create_app(Settings(nats_url=nats_server.url, database_url=db, sweep_interval_s=3600))
-    with TestClient(app) as client:
+    with api_client(tmp_path, nats_url=nats_server.url, database_url=db, sweep_interval_s=3600) as client:
         writer = WriterProc(nats_server.url, db, tmp_path / "writer.log", batch_ms=20).start()
         runner = RunnerProc(nats_server.url, tmp_path / "runners", "r", tmp_path / "fake.log")
         try:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -18,9 +18,14 @@ from kiln_contracts import JobSpec, StartJob
 from kiln_store import make_engine, upgrade
 
 from . import errors
-from .adapters import jobs_repo
+from .adapters import audit, jobs_repo
 from .adapters.bus import Bus
-from .routes import artifacts, jobs
+from .auth.access import RateLimiter, authorize, check_rules
+from .auth.authenticate import Authenticator
+from .auth.bootstrap import ensure_owner
+from .auth.oidc import OIDCVerifier
+from .limits import BodySizeLimit
+from .routes import accounts, artifacts, jobs, session
 from .settings import Settings
 
 log = logging.getLogger("kiln.api")
@@ -39,6 +44,9 @@ async def _sweep(app: FastAPI, settings: Settings) -> None:
                                issued_at=job["submitted_at"])
                 await app.state.bus.publish_start(cmd)
                 log.info("republished start of %s attempt %s", job["id"], job["attempt"])
+            async with app.state.engine.connect() as conn:
+                records = await audit.unpublished(conn)
+                await audit.publish(conn, app.state.bus, *records)
         except Exception as exc:  # noqa: BLE001 - keep sweeping
             log.warning("sweep failed: %s", exc)
 
@@ -51,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.engine = make_engine(settings.database_url)
         await upgrade(app.state.engine)
+        await ensure_owner(app.state.engine, settings)
         app.state.bus = await Bus.connect(settings.nats_url)
         sweeper = asyncio.create_task(_sweep(app, settings))
         try:
@@ -61,21 +70,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.engine.dispose()
 
     app = FastAPI(title="Kiln API", version="0.1.0", lifespan=lifespan,
-                  description="Create, start, watch and cancel YOLO training jobs.")
+                  description="Create, start, watch and cancel YOLO training jobs. Every /api/v1 route needs an "
+                              "API key (Authorization: Bearer kiln_...), an OIDC access token where configured, or "
+                              "the web page's session cookie; x-kiln-access on each operation says who may call it.")
+    app.state.settings = settings
+    app.state.authenticator = Authenticator(
+        OIDCVerifier(settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_url, settings.oidc_user_claim,
+                     settings.oidc_leeway_s) if settings.oidc_issuer else None)
+    app.state.rate_limiter = RateLimiter({"create": settings.create_rate_limit}, settings.rate_limit_storage)
+    app.state.ticket_key = (settings.ticket_private_key_file.read_bytes() if settings.ticket_private_key_file
+                            else None)
     app.add_exception_handler(RequestValidationError, errors.validation_error)
-    app.include_router(jobs.router, prefix="/api/v1")
-    app.include_router(artifacts.router, prefix="/api/v1")
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)])
+    for module in (jobs, artifacts, accounts, session):
+        api.include_router(module.router)
+    app.include_router(api)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:
         ok = app.state.bus.nc.is_connected
         return JSONResponse({"status": "ok" if ok else "degraded", "nats": ok}, status_code=200 if ok else 503)
 
-    @app.get("/api/v1/config", tags=["ops"])
-    async def client_config() -> dict[str, str]:
-        """What the web page needs to know: where live events come from."""
-        return {"notifier_url": settings.notifier_url}
-
+    check_rules(app)
     if WEB_DIR.is_dir():
         app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     return app

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,3 +70,132 @@ class LogOut(BaseModel):
     stream: str
     text: str
     attempt: int
+
+
+# -- accounts -------------------------------------------------------------------------------------------------------
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,199}$"
+PROJECT_ID = r"^[A-Za-z0-9_-]{1,64}$"
+TOKEN = r"^[A-Za-z0-9_-]{1,128}$"
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=NAME, description="Unique user name (letters, digits, _ . @ -).")
+    is_owner: bool = Field(False, description="Also an instance owner (creates projects and users).")
+    oidc_subject: str | None = Field(None, min_length=1, max_length=255,
+                                     description="Value of the configured OIDC claim that identifies this user.")
+
+
+class UserOut(BaseModel):
+    id: str
+    name: str
+    is_owner: bool
+    oidc_subject: str | None = None
+    created_at: datetime
+    disabled_at: datetime | None = None
+
+
+class MeOut(BaseModel):
+    id: str
+    name: str
+    is_owner: bool
+    via: str = Field(..., description="key, session, oidc (or none when authentication is off).")
+    credential: str = Field(..., description="The key id or session the request came with (never a secret).")
+    roles: dict[str, str] = Field(..., description="Project -> role (viewer, member, admin); the owner sees all.")
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("", max_length=200, description="What the key is for.")
+    expires_in_days: int | None = Field(None, ge=1, le=3650, description="Expiry; none: until revoked.")
+
+
+class KeyOut(BaseModel):
+    id: str = Field(..., description="The key's visible prefix (kiln_...), shown in lists and logs.")
+    user_id: str
+    name: str
+    created_at: datetime
+    created_by: str | None = None
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(..., description="The secret key: shown only in this answer, stored only as a hash.")
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(..., pattern=PROJECT_ID, description="Project id (letters, digits, _ and -).")
+    description: str = Field("", max_length=2000)
+
+
+class ProjectOut(BaseModel):
+    id: str
+    description: str
+    created_at: datetime
+    created_by: str | None = None
+    role: str | None = Field(None, description="The caller's role in it (admin for the owner).")
+
+
+class MemberSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["viewer", "member", "admin"]
+
+
+class MemberOut(BaseModel):
+    user_id: str
+    name: str
+    role: str
+    created_at: datetime
+
+
+class AuditOut(BaseModel):
+    id: str
+    time: datetime
+    actor: str | None
+    actor_name: str
+    credential: str
+    action: str
+    project: str | None
+    target: str
+    details: dict[str, Any]
+
+
+class SignIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str = Field(..., min_length=1, max_length=200, description="An API key (kiln_...).")
+
+
+class SessionOut(BaseModel):
+    user: MeOut
+    csrf_token: str = Field(..., description="Send as X-CSRF-Token with every POST/PUT/DELETE made with the cookie.")
+    expires_at: datetime
+
+
+class TicketRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[Annotated[str, Field(pattern=TOKEN)]] = Field(
+        default_factory=list, max_length=100, description="Job ids the socket will watch.")
+    projects: list[Annotated[str, Field(pattern=PROJECT_ID)]] = Field(
+        default_factory=list, max_length=100, description="Projects whose events the socket will watch.")
+
+
+class TicketOut(BaseModel):
+    ticket: str = Field(..., description="Send in the WebSocket's first frame or as subprotocol kiln.ticket.<t>.")
+    expires_at: datetime = Field(..., description="Use it before this (at most 60 s).")
+    renew_within_s: int = Field(..., description="The socket must present a fresh ticket within this many seconds.")
+
+
+class PublicConfig(BaseModel):
+    notifier_url: str
+    auth: str = Field(..., description="on or off")
+    oidc_issuer: str | None = None

@@ -1,6 +1,27 @@
 """Settings of the API (env prefix KILN_API_)."""
 
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("0.0.0.0"), is_loopback("::1")
+    (True, True, False, True)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -14,3 +35,34 @@ class Settings(BaseSettings):
     sweep_interval_s: float = 15.0  # republish start commands of queued jobs no runner has acknowledged
     sweep_after_s: float = 30.0
     artifact_s3_endpoint_url: str | None = None  # presigned downloads of s3:// artifacts
+
+    # -- authentication (docs/security.md) --
+    auth: Literal["on", "off"] = Field(
+        "on", description="off: every caller is the owner; only for benchmarks, and refused beyond loopback.")
+    bootstrap_key: SecretStr | None = Field(
+        None, description="The owner's first API key (kiln_...), used once when no owner exists yet.")
+    bootstrap_key_file: Path | None = Field(
+        None, description="On first start, generate the owner's key and write it here (mode 0600).")
+    session_ttl_s: int = Field(12 * 3600, ge=60, description="Life of a web page sign-in.")
+    cookie_secure: bool = Field(True, description="Secure flag of the session cookie (browsers allow it on "
+                                                  "http://localhost and 127.0.0.1 too).")
+    ticket_private_key_file: Path | None = Field(
+        None, description="Ed25519 private key (PEM) that signs WebSocket tickets; the notifier holds its public key.")
+    oidc_issuer: str | None = Field(None, description="Accept JWT access tokens from this issuer (iss).")
+    oidc_audience: str | None = Field(None, description="Required audience (aud) of OIDC tokens.")
+    oidc_jwks_url: str | None = Field(None, description="JWKS URL; default: the issuer's discovery document's.")
+    oidc_user_claim: str = Field("sub", description="Claim matched against a user's oidc_subject.")
+    oidc_leeway_s: int = Field(30, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
+    # -- limits --
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body; larger ones answer 413.")
+    create_rate_limit: str = Field(
+        "60/minute", description="Job creations (create, re-run) per API key or session, `limits` notation.")
+    rate_limit_storage: str = Field(
+        "memory://", description="Where rate limits are counted (memory://, or redis://... shared by replicas).")
+
+    @model_validator(mode="after")
+    def _no_open_api_beyond_loopback(self) -> Settings:
+        if self.auth == "off" and not is_loopback(self.host):
+            raise ValueError(f"refusing to listen on {self.host} without authentication (auth=off); "
+                             "only loopback addresses may run without it")
+        return self

@@ -7,7 +7,7 @@ from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from kiln_contracts import (
-    CancelJob, Event, ExitClass, JobFinished, JobStatus, JobStatusChanged, StartJob, streams, subjects, utcnow,
+    AuditRecorded, CancelJob, Event, ExitClass, JobFinished, JobStatus, JobStatusChanged, StartJob, streams, subjects, utcnow,
 )
 
 
@@ -29,6 +29,10 @@ class Bus:
 
     async def _event(self, ev: Event) -> None:
         await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers(), timeout=5)
+
+    async def publish_audit(self, rec: AuditRecorded) -> None:
+        await self.js.publish(rec.subject, rec.model_dump_json().encode(), headers={"Nats-Msg-Id": rec.id},
+                              timeout=5)
 
     async def publish_start(self, cmd: StartJob, why: str | None = None) -> None:
         """Publish the start command (stored once per job attempt thanks to its message id) and ``queued``."""

@@ -17,11 +17,13 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-async def insert_job(conn: AsyncConnection, spec: JobSpec, rerun_of: str | None = None) -> str:
+async def insert_job(conn: AsyncConnection, spec: JobSpec, rerun_of: str | None = None,
+                     created_by: str | None = None) -> str:
     job_id = new_job_id()
     await conn.execute(jobs.insert().values(
         id=job_id, project=spec.project, name=spec.name or f"{spec.model} on {spec.dataset.rsplit('/', 1)[-1]}",
         pool=spec.pool, spec=spec.model_dump(mode="json"), created_at=utcnow(), attempt=0, rerun_of=rerun_of,
+        created_by=created_by,
     ))
     return job_id
 

@@ -10,19 +10,20 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 from kiln_store import queries
 
+from ..auth.access import access
 from ..deps import ConnDep, SettingsDep
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
 
 
-@router.get("/{job_id}/artifacts", response_model=list[dict[str, Any]])
+@router.get("/{job_id}/artifacts", response_model=list[dict[str, Any]], **access("viewer"))
 async def list_artifacts(job_id: str, conn: ConnDep) -> list[dict[str, Any]]:
     if await queries.get_job(conn, job_id) is None:
         raise HTTPException(404, f"job {job_id!r} not found")
     return await queries.get_artifacts(conn, job_id)
 
 
-@router.get("/{job_id}/artifacts/{name}", response_model=None)
+@router.get("/{job_id}/artifacts/{name}", response_model=None, **access("viewer"))
 async def download_artifact(
     job_id: str, name: str, conn: ConnDep, settings: SettingsDep,
     epoch: Annotated[int | None, Query(description="A given epoch's version; default the newest")] = None,

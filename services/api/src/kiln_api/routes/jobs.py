@@ -8,11 +8,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import ValidationError
 
-from kiln_contracts import JobSpec, JobStatus, StartJob, utcnow
+from kiln_contracts import AuditAction, JobSpec, JobStatus, StartJob, utcnow
 from kiln_store import queries
 from kiln_store.downsample import minmax
 
-from ..adapters import jobs_repo
+from ..adapters import audit, jobs_repo
+from ..auth.access import CallerDep, access
+from ..auth.caller import Caller
 from ..deps import BusDep, ConnDep
 from ..schemas import EpochRow, JobCreate, JobDetail, JobOut, LogOut, MetricsOut, Series
 
@@ -40,7 +42,8 @@ def _recorded_spec(job: dict[str, Any]) -> JobSpec:
                                  "create a new job instead") from exc
 
 
-async def _start(conn: ConnDep, bus: BusDep, job: dict[str, Any], why: str | None = None) -> None:
+async def _start(conn: ConnDep, bus: BusDep, job: dict[str, Any], why: str | None = None, *,
+                 caller: Caller) -> None:
     if job.get("submitted_at") is None and (job.get("cancel_requested_at") is not None
                                             or JobStatus(job["status"]).terminal):
         raise HTTPException(409, f"job {job['id']} was cancelled before it started; re-run it instead")
@@ -50,47 +53,55 @@ async def _start(conn: ConnDep, bus: BusDep, job: dict[str, Any], why: str | Non
     cmd = StartJob(job_id=job["id"], attempt=1, spec=_recorded_spec(job), issued_at=now)
     if not await jobs_repo.mark_submitted(conn, job["id"], 1, now):
         raise HTTPException(409, f"job {job['id']} was already started")
+    rec = await audit.record(conn, caller, AuditAction.job_started, project=job["project"], target=f"job:{job['id']}")
     await conn.commit()  # durable before publishing; the sweeper republishes if the publish below is lost
+    await audit.publish(conn, bus, rec)
     try:
         await bus.publish_start(cmd, why)
     except Exception as exc:  # noqa: BLE001 - accepted anyway: the sweeper retries with the same message id
         log.warning("start of %s not published yet (%s); the sweeper will retry", job["id"], exc)
 
 
-@router.post("", status_code=201, response_model=JobDetail)
-async def create_job(body: JobCreate, conn: ConnDep, bus: BusDep) -> dict[str, Any]:
+@router.post("", status_code=201, response_model=JobDetail,
+             **access("member", project_from_body=True, rate="create"))
+async def create_job(body: JobCreate, conn: ConnDep, bus: BusDep, caller: CallerDep) -> dict[str, Any]:
     """Create a job from a validated spec; with ``start: true`` it is queued at once."""
     spec = JobSpec.model_validate(body.model_dump(exclude={"start"}))
-    job_id = await jobs_repo.insert_job(conn, spec)
+    job_id = await jobs_repo.insert_job(conn, spec, created_by=caller.user_id)
+    rec = await audit.record(conn, caller, AuditAction.job_created, project=spec.project, target=f"job:{job_id}")
     await conn.commit()
+    await audit.publish(conn, bus, rec)
     if body.start:
-        await _start(conn, bus, await _job_or_404(conn, job_id))
+        await _start(conn, bus, await _job_or_404(conn, job_id), caller=caller)
     return await _detail(conn, job_id)
 
 
-@router.post("/{job_id}/start", status_code=202, response_model=JobDetail)
-async def start_job(job_id: str, conn: ConnDep, bus: BusDep) -> dict[str, Any]:
+@router.post("/{job_id}/start", status_code=202, response_model=JobDetail, **access("member"))
+async def start_job(job_id: str, conn: ConnDep, bus: BusDep, caller: CallerDep) -> dict[str, Any]:
     """Queue the job: publishes its start command for the runners of its pool."""
-    await _start(conn, bus, await _job_or_404(conn, job_id))
+    await _start(conn, bus, await _job_or_404(conn, job_id), caller=caller)
     return await _detail(conn, job_id)
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobDetail)
-async def cancel_job(job_id: str, conn: ConnDep, bus: BusDep) -> dict[str, Any]:
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobDetail, **access("member"))
+async def cancel_job(job_id: str, conn: ConnDep, bus: BusDep, caller: CallerDep) -> dict[str, Any]:
     """Cancel a queued or running job; a queued job will never start."""
     job = await _job_or_404(conn, job_id)
     if JobStatus(job["status"]).terminal:
         raise HTTPException(409, f"job {job_id} already ended ({job['status']})")
     await jobs_repo.mark_cancel_requested(conn, job_id)
+    rec = await audit.record(conn, caller, AuditAction.job_cancelled, project=job["project"], target=f"job:{job_id}",
+                             status=job["status"])
     await conn.commit()
+    await audit.publish(conn, bus, rec)
     queued = job["status"] in ("created", "queued")
-    await bus.request_cancel(job_id, job["project"], max(job["attempt"], 1), "cancelled by user", queued)
+    await bus.request_cancel(job_id, job["project"], max(job["attempt"], 1), f"cancelled by {caller.name}", queued)
     return await _detail(conn, job_id)
 
 
-@router.post("/{job_id}/rerun", status_code=201, response_model=JobDetail)
+@router.post("/{job_id}/rerun", status_code=201, response_model=JobDetail, **access("member", rate="create"))
 async def rerun_job(
-    job_id: str, conn: ConnDep, bus: BusDep,
+    job_id: str, conn: ConnDep, bus: BusDep, caller: CallerDep,
     data: Annotated[Literal["pinned", "latest"], Query(
         description="pinned (default): the new job must train on the dataset snapshot the original recorded, and "
                     "fails with both hashes if the dataset changed since; latest: train on the data as it is now.",
@@ -107,22 +118,27 @@ async def rerun_job(
     else:
         spec = spec.model_copy(update={"dataset_snapshot": None})
         why = f"re-run of {job_id} on the current data" + (f" ({job_id} trained on {recorded[:12]})" if recorded else "")
-    new_id = await jobs_repo.insert_job(conn, spec, rerun_of=job_id)
+    new_id = await jobs_repo.insert_job(conn, spec, rerun_of=job_id, created_by=caller.user_id)
+    rec = await audit.record(conn, caller, AuditAction.job_rerun, project=spec.project, target=f"job:{new_id}",
+                             rerun_of=job_id, data=data)
     await conn.commit()
-    await _start(conn, bus, await _job_or_404(conn, new_id), why=why)
+    await audit.publish(conn, bus, rec)
+    await _start(conn, bus, await _job_or_404(conn, new_id), why=why, caller=caller)
     return await _detail(conn, new_id)
 
 
-@router.get("", response_model=list[JobOut])
+@router.get("", response_model=list[JobOut], **access("user"))
 async def list_jobs(
     conn: ConnDep,
+    caller: CallerDep,
     project: str | None = None,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[dict[str, Any]]:
+    """Jobs of your projects (every project for the owner), newest first."""
     return await queries.list_jobs(conn, project=project, status=status.value if status else None,
-                                   limit=limit, offset=offset)
+                                   limit=limit, offset=offset, readable=caller.readable_projects())
 
 
 async def _detail(conn: ConnDep, job_id: str) -> dict[str, Any]:
@@ -132,12 +148,12 @@ async def _detail(conn: ConnDep, job_id: str) -> dict[str, Any]:
     return job
 
 
-@router.get("/{job_id}", response_model=JobDetail)
+@router.get("/{job_id}", response_model=JobDetail, **access("viewer"))
 async def get_job(job_id: str, conn: ConnDep) -> dict[str, Any]:
     return await _detail(conn, job_id)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsOut)
+@router.get("/{job_id}/metrics", response_model=MetricsOut, **access("viewer"))
 async def get_metrics(
     job_id: str,
     conn: ConnDep,
@@ -163,7 +179,7 @@ async def get_metrics(
     return MetricsOut(job_id=job_id, series=out)
 
 
-@router.get("/{job_id}/epochs", response_model=list[EpochRow])
+@router.get("/{job_id}/epochs", response_model=list[EpochRow], **access("viewer"))
 async def get_epochs(job_id: str, conn: ConnDep) -> list[EpochRow]:
     """Metrics per epoch, one row per epoch."""
     await _job_or_404(conn, job_id)
@@ -174,7 +190,7 @@ async def get_epochs(job_id: str, conn: ConnDep) -> list[EpochRow]:
     return [EpochRow(epoch=e, metrics=m) for e, m in sorted(rows.items())]
 
 
-@router.get("/{job_id}/logs", response_model=list[LogOut])
+@router.get("/{job_id}/logs", response_model=list[LogOut], **access("viewer"))
 async def get_logs(job_id: str, conn: ConnDep, tail: Annotated[int, Query(ge=1, le=10_000)] = 500) -> list[dict]:
     await _job_or_404(conn, job_id)
     return await queries.get_logs(conn, job_id, tail=tail)

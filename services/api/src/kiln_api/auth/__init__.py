@@ -1,0 +1,1 @@
+"""Authentication and authorization of the API (docs/security.md)."""

@@ -1,0 +1,99 @@
+"""The web page's sign-in (an HttpOnly cookie and a CSRF token) and WebSocket tickets for the notifier."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from sqlalchemy import select
+
+from kiln_contracts import AuditAction, tickets
+from kiln_store import jobs
+
+from ..adapters import accounts_repo, audit
+from ..auth import keys
+from ..auth.access import CallerDep, access
+from ..auth.authenticate import SESSION_COOKIE
+from ..auth.caller import Caller
+from ..deps import BusDep, ConnDep, SettingsDep
+from ..schemas import PublicConfig, SessionOut, SignIn, TicketOut, TicketRequest
+
+router = APIRouter(tags=["session"])
+
+
+@router.get("/config", response_model=PublicConfig, **access("public"))
+async def client_config(settings: SettingsDep) -> dict[str, Any]:
+    """What the web page needs before sign-in: where live events come from and how to sign in."""
+    return {"notifier_url": settings.notifier_url, "auth": settings.auth, "oidc_issuer": settings.oidc_issuer}
+
+
+@router.post("/session", response_model=SessionOut, **access("public"))
+async def sign_in(body: SignIn, request: Request, response: Response, conn: ConnDep, bus: BusDep,
+                  settings: SettingsDep) -> dict[str, Any]:
+    """Sign the page in with an API key: sets an HttpOnly, Secure, SameSite=Strict session cookie."""
+    caller = await request.app.state.authenticator.key_caller(body.api_key, conn)
+    token = keys.new_token()
+    ttl = timedelta(seconds=settings.session_ttl_s)
+    row = await accounts_repo.create_session(conn, caller.user_id, caller.key_id, keys.digest(token), ttl)
+    rec = await audit.record(conn, caller, AuditAction.signed_in, target=f"session:{row['id']}")
+    await conn.commit()
+    await audit.publish(conn, bus, rec)
+    response.set_cookie(SESSION_COOKIE, token, max_age=settings.session_ttl_s, path="/", httponly=True,
+                        secure=settings.cookie_secure, samesite="strict")
+    caller.via, caller.credential = "session", f"session:{row['id']}"
+    return {"user": caller.public(), "csrf_token": row["csrf"], "expires_at": row["expires_at"]}
+
+
+@router.get("/session", response_model=SessionOut, **access("user"))
+async def current_session(caller: CallerDep, conn: ConnDep) -> dict[str, Any]:
+    """The signed-in user and the session's CSRF token (the page reads it after a reload)."""
+    if caller.session_id is None:
+        raise HTTPException(404, "this request carries no page session (it used an API key or token)")
+    return {"user": caller.public(), "csrf_token": caller.csrf,
+            "expires_at": await accounts_repo.session_expiry(conn, caller.session_id)}
+
+
+@router.delete("/session", status_code=204, **access("user"))
+async def sign_out(caller: CallerDep, conn: ConnDep, bus: BusDep, settings: SettingsDep) -> Response:
+    """End the page session; the cookie is cleared and refused from now on."""
+    response = Response(status_code=204)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, secure=settings.cookie_secure, samesite="strict")
+    if caller.session_id is not None:
+        await accounts_repo.revoke_session(conn, caller.session_id)
+        rec = await audit.record(conn, caller, AuditAction.signed_out, target=f"session:{caller.session_id}")
+        await conn.commit()
+        await audit.publish(conn, bus, rec)
+    return response
+
+
+@router.post("/ws-tickets", response_model=TicketOut, **access("user"))
+async def ws_ticket(body: TicketRequest, request: Request, caller: CallerDep, conn: ConnDep) -> dict[str, Any]:
+    """A ticket for the notifier naming the jobs and projects one WebSocket will watch (valid 60 s).
+
+    Every job and project must be readable by you: one that is not (or does not exist) answers 404.
+    """
+    private = request.app.state.ticket_key
+    if private is None:
+        raise HTTPException(503, "WebSocket tickets are not configured on this API (ticket_private_key_file)")
+    scope = await _scope(conn, caller, body)
+    now = datetime.now(timezone.utc)
+    ticket = tickets.issue(tickets.Ticket(sub=caller.user_id, key=caller.credential, projects=body.projects,
+                                          jobs=scope), private, now=now.timestamp())
+    return {"ticket": ticket, "expires_at": now + timedelta(seconds=tickets.TICKET_TTL_S),
+            "renew_within_s": tickets.SOCKET_RECHECK_S}
+
+
+async def _scope(conn: ConnDep, caller: Caller, body: TicketRequest) -> dict[str, str]:
+    """Job id -> project for the requested jobs, after checking the caller may read each job and project."""
+    found: dict[str, str] = {}
+    if body.jobs:
+        rows = await conn.execute(select(jobs.c.id, jobs.c.project).where(jobs.c.id.in_(body.jobs)))
+        found = {j: p for j, p in rows.all() if caller.role_in(p) is not None}
+    missing = [j for j in body.jobs if j not in found]
+    if missing:
+        raise HTTPException(404, f"job {missing[0]!r} not found")
+    for project in body.projects:
+        if caller.role_in(project) is None or await accounts_repo.get_project(conn, project) is None:
+            raise HTTPException(404, f"project {project!r} not found")
+    return found
