@@ -51,20 +51,21 @@ def assert_valid_against_the_published_schemas(events: list[dict]) -> None:
     assert not all(v.is_valid(bad) for v in validators)  # the schemas do reject what is not an event
 
 
-def wait_status(api: str, job_id: str, want: set[str], timeout: float = 120) -> dict:
+def wait_status(api: httpx.Client, job_id: str, want: set[str], timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     job = {}
     while time.monotonic() < deadline:
-        job = httpx.get(f"{api}/api/v1/jobs/{job_id}", timeout=10).json()
+        job = api.get(f"/api/v1/jobs/{job_id}").json()
         if job["status"] in want:
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} stayed {job.get('status')}")
 
 
-async def collect_until_finished(ws_url: str, job_id: str, timeout: float = 180) -> list[dict]:
+async def collect_until_finished(ws_url: str, job_id: str, ticket: str, timeout: float = 180) -> list[dict]:
     received = []
-    async with websockets.connect(f"{ws_url}/api/v1/ws/jobs/{job_id}?heartbeats=true", max_size=None) as ws:
+    async with websockets.connect(f"{ws_url}/api/v1/ws/jobs/{job_id}?heartbeats=true", max_size=None,
+                                  subprotocols=["kiln.v1", f"kiln.ticket.{ticket}"]) as ws:
         async with asyncio.timeout(timeout):
             async for raw in ws:
                 msg = json.loads(raw)
@@ -76,19 +77,26 @@ async def collect_until_finished(ws_url: str, job_id: str, timeout: float = 180)
     raise AssertionError("socket closed before the job finished")
 
 
-def test_rest_to_training_to_db_to_websocket(stack, dataset, db_url):
-    api = stack.api_url
-    r = httpx.post(f"{api}/api/v1/jobs", json={"name": "e2e", "model": "yolov8n.yaml", "dataset": str(dataset),
-                                               "train": TRAIN}, timeout=10)
+@pytest.fixture()
+def api(stack):
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.owner_key()}"},
+                      timeout=10) as client:
+        yield client
+
+
+def test_rest_to_training_to_db_to_websocket(stack, api, dataset, db_url):
+    r = api.post("/api/v1/jobs", json={"name": "e2e", "model": "yolov8n.yaml", "dataset": str(dataset),
+                                       "train": TRAIN})
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
     assert r.json()["status"] == "created"
 
     async def scenario():
-        watcher = asyncio.create_task(collect_until_finished(stack.ws_url, job_id))
+        ticket = api.post("/api/v1/ws-tickets", json={"jobs": [job_id]}).json()["ticket"]
+        watcher = asyncio.create_task(collect_until_finished(stack.ws_url, job_id, ticket))
         await asyncio.sleep(0.3)  # the client is subscribed before the job starts: everything arrives live
-        async with httpx.AsyncClient() as client:
-            started = await client.post(f"{api}/api/v1/jobs/{job_id}/start", timeout=10)
+        async with httpx.AsyncClient(base_url=stack.api_url, headers=api.headers) as client:
+            started = await client.post(f"/api/v1/jobs/{job_id}/start", timeout=10)
         assert started.status_code == 202, started.text
         return await watcher
 
@@ -111,15 +119,15 @@ def test_rest_to_training_to_db_to_websocket(stack, dataset, db_url):
 
     deadline = time.monotonic() + 10
     while True:  # the writer may commit the last batch a moment after the status
-        rows = httpx.get(f"{api}/api/v1/jobs/{job_id}/epochs", timeout=10).json()
+        rows = api.get(f"/api/v1/jobs/{job_id}/epochs").json()
         if len(rows) == 2 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert "metrics/mAP50(B)" in rows[1]["metrics"]
-    series = httpx.get(f"{api}/api/v1/jobs/{job_id}/metrics", params={"keys": "train/box_loss"}).json()["series"]
+    series = api.get(f"/api/v1/jobs/{job_id}/metrics", params={"keys": "train/box_loss"}).json()["series"]
     assert series["train/box_loss"]["steps"] == [1, 2]
-    logs = httpx.get(f"{api}/api/v1/jobs/{job_id}/logs", params={"tail": 10000}).json()
+    logs = api.get(f"/api/v1/jobs/{job_id}/logs", params={"tail": 10000}).json()
     assert logs and any("kiln" in line["text"].lower() or "epoch" in line["text"].lower() for line in logs)
 
     async def rows_in_db():  # straight from the database, not through the API
@@ -138,11 +146,11 @@ def test_rest_to_training_to_db_to_websocket(stack, dataset, db_url):
     assert [s for s, _ in per_epoch] == [1, 2] and all(n >= 8 for _, n in per_epoch)
 
 
-def test_missing_dataset_fails_with_the_reason(stack):
-    r = httpx.post(f"{stack.api_url}/api/v1/jobs", json={"model": "yolov8n.yaml", "dataset": "/no/such/dataset",
-                                                         "start": True, "train": TRAIN}, timeout=10)
+def test_missing_dataset_fails_with_the_reason(api):
+    r = api.post("/api/v1/jobs", json={"model": "yolov8n.yaml", "dataset": "/no/such/dataset", "start": True,
+                                       "train": TRAIN})
     assert r.status_code == 201, r.text
-    job = wait_status(stack.api_url, r.json()["id"], {"failed", "completed"}, timeout=60)
+    job = wait_status(api, r.json()["id"], {"failed", "completed"}, timeout=60)
     assert job["status"] == "failed"
     assert "dataset not found: /no/such/dataset" in job["reason"]
     assert job["exit_class"] == "user_error"

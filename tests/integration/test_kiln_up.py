@@ -150,11 +150,12 @@ def test_stop_ends_every_service_at_once_then_nats_and_leaves_nothing(tmp_path):
            "KILN_RUNNER_SHUTDOWN_GRACE_S": str(DRAIN_S)}
     stack = Stack(stack_config(tmp_path / "kiln", runners=2, extra_env=env)).start()
     try:
-        jobs = [httpx.post(f"{stack.api_url}/api/v1/jobs", timeout=10, json={
+        auth = {"Authorization": f"Bearer {stack.owner_key()}"}
+        jobs = [httpx.post(f"{stack.api_url}/api/v1/jobs", timeout=10, headers=auth, json={
             "model": "yolov8n.yaml", "dataset": str(dataset), "start": True, "train": {"epochs": 400}}).json()["id"]
             for _ in range(2)]
-        wait_for(lambda: all(httpx.get(f"{stack.api_url}/api/v1/jobs/{j}", timeout=10).json()["status"] == "running"
-                             for j in jobs), 60, "both jobs running")
+        wait_for(lambda: all(httpx.get(f"{stack.api_url}/api/v1/jobs/{j}", timeout=10, headers=auth).json()["status"]
+                             == "running" for j in jobs), 60, "both jobs running")
         pids = {n: p["pid"] for n, p in stack.processes().items()} | {"supervisord": stack.supervisord.pid}
         with pytest.raises(SystemExit, match="already runs"):  # a second one would overwrite its supervisord.conf
             Stack(stack_config(tmp_path / "kiln", nats_url=stack.nats_url)).start()

@@ -57,6 +57,8 @@ def _without_password(url: str) -> str:
 
 def _where(stack: Stack) -> str:
     return (f"  API      {stack.api_url}/api/v1   (OpenAPI docs: {stack.api_url}/docs)\n"
+            f"  Key      {stack.owner_key_file}   (the owner's API key, mode 0600: sign in to the page with it,\n"
+            f"           or send it as 'Authorization: Bearer ...')\n"
             f"  Web      {stack.api_url}/\n"
             f"  Live     {stack.ws_url}/api/v1/ws/jobs/<job_id>\n"
             f"  NATS     {stack.nats_url}\n"
@@ -108,15 +110,22 @@ def cmd_demo(a: argparse.Namespace) -> int:
         spec = {"name": "demo: yolov8n on synthetic shapes", "model": "yolov8n.yaml", "dataset": str(data),
                 "start": True, "train": {"epochs": a.epochs, "imgsz": 64, "batch": 8, "nbs": 8, "workers": 0,
                                          "warmup_epochs": 0, "seed": 0}}
-        r = httpx.post(f"{stack.api_url}/api/v1/jobs", json=spec, timeout=30)
+        api = httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.owner_key()}"},
+                           timeout=30)
+        r = api.post("/api/v1/jobs", json=spec)
         if r.status_code != 201:
             print(f"job was refused: {r.status_code} {r.text}", file=sys.stderr)
             return 1
         job = r.json()
         print(f"job {job['id']} submitted ({job['status']}); following it live:", flush=True)
-        fin = asyncio.run(follow(stack.ws_url, job["id"], show_logs=a.logs, timeout=a.timeout))
+        async def ticket() -> str:
+            answer = await asyncio.to_thread(api.post, "/api/v1/ws-tickets", json={"jobs": [job["id"]]})
+            answer.raise_for_status()
+            return str(answer.json()["ticket"])
+
+        fin = asyncio.run(follow(stack.ws_url, job["id"], show_logs=a.logs, timeout=a.timeout, ticket=ticket))
         time.sleep(0.5)  # let the metrics-writer commit the last batch
-        rows = httpx.get(f"{stack.api_url}/api/v1/jobs/{job['id']}/epochs", timeout=10).json()
+        rows = api.get(f"/api/v1/jobs/{job['id']}/epochs").json()
         print(f"\nmetrics stored in the database: {len(rows)} epochs")
         for row in rows:
             m = row["metrics"]

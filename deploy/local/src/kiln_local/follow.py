@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import websockets
@@ -25,15 +25,21 @@ def format_epoch(data: dict[str, Any]) -> str:
 
 
 async def follow(ws_url: str, job_id: str, *, show_logs: bool = False, timeout: float = 3600.0,
-                 out: Callable[[str], None] = print) -> dict[str, Any]:
-    """Print the job's events until it finishes; returns the ``finished`` payload. Reconnects with its cursor."""
+                 out: Callable[[str], None] = print,
+                 ticket: Callable[[], Awaitable[str]] | None = None) -> dict[str, Any]:
+    """Print the job's events until it finishes; returns the ``finished`` payload. Reconnects with its cursor.
+
+    ``ticket`` fetches a fresh WebSocket ticket from the API for each connection (sent as a subprotocol, never in
+    the URL); a socket open longer than the notifier's re-check interval is closed (4401) and simply reconnects.
+    """
     cursor = {"events": 0, "logs": 0}
 
     async def run() -> dict[str, Any]:
         while True:
             url = f"{ws_url}/api/v1/ws/jobs/{job_id}?after_events={cursor['events']}&after_logs={cursor['logs']}"
             try:
-                async with websockets.connect(url, max_size=None) as ws:
+                protocols = ["kiln.v1", "kiln.ticket." + await ticket()] if ticket else None
+                async with websockets.connect(url, max_size=None, subprotocols=protocols) as ws:
                     async for raw in ws:
                         msg = json.loads(raw)
                         if msg.get("type") != "event":

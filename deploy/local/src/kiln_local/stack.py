@@ -80,6 +80,8 @@ class Stack:
         self.db_url = cfg.db_url or f"sqlite+aiosqlite:///{self.data_dir / 'kiln.db'}"
         self.api_url = f"http://{cfg.host}:{cfg.api_port}"
         self.ws_url = f"ws://{cfg.host}:{cfg.notifier_port}"
+        self.secrets = self.data_dir / "secrets"  # mode 0700: the owner's key, the ticket signing key
+        self.owner_key_file = self.secrets / "owner.key"
         self.socket = self.data_dir / "supervisor.sock"  # supervisord's XML-RPC (and supervisorctl's) endpoint
         self._password = ""
         self._socket_dir: Path | None = None  # a short temp dir when data_dir is too deep for a unix socket path
@@ -92,11 +94,14 @@ class Stack:
                 **common, "KILN_WRITER_NATS_URL": self.nats_url, "KILN_WRITER_DATABASE_URL": self.db_url}),
             Program("notifier", [py, "-m", "kiln_notifier"], {
                 **common, "KILN_NOTIFIER_NATS_URL": self.nats_url, "KILN_NOTIFIER_HOST": self.cfg.host,
-                "KILN_NOTIFIER_PORT": str(self.cfg.notifier_port)}),
+                "KILN_NOTIFIER_PORT": str(self.cfg.notifier_port),
+                "KILN_NOTIFIER_TICKET_PUBLIC_KEY_FILE": str(self.secrets / "ticket-signing.pub"),
+                "KILN_NOTIFIER_ALLOWED_ORIGINS": ",".join(self.page_origins())}),
             Program("api", [py, "-m", "kiln_api"], {
                 **common, "KILN_API_NATS_URL": self.nats_url, "KILN_API_DATABASE_URL": self.db_url,
                 "KILN_API_HOST": self.cfg.host, "KILN_API_PORT": str(self.cfg.api_port),
-                "KILN_API_NOTIFIER_URL": self.ws_url})]
+                "KILN_API_NOTIFIER_URL": self.ws_url, "KILN_API_BOOTSTRAP_KEY_FILE": str(self.owner_key_file),
+                "KILN_API_TICKET_PRIVATE_KEY_FILE": str(self.secrets / "ticket-signing.pem")})]
         if self.cfg.clearml:
             env = {**common, "KILN_CLEARML_ENABLED": "1", "KILN_CLEARML_NATS_URL": self.nats_url}
             if self.cfg.clearml == "offline":
@@ -112,9 +117,43 @@ class Stack:
                 **common, "KILN_RUNNER_NATS_URL": self.nats_url, "KILN_RUNNER_POOL": self.cfg.pool,
                 "KILN_RUNNER_SLOTS": str(self.cfg.runner_slots), "KILN_RUNNER_WORK_DIR": str(self.runner_dir(i)),
                 "KILN_RUNNER_RUNNER_ID": f"{socket.gethostname()}-runner-{i}",
+                # Jobs read datasets and models only here (the demo's is in <data_dir>/datasets); an operator's wins.
+                "KILN_RUNNER_DATA_ROOTS": self.cfg.extra_env.get("KILN_RUNNER_DATA_ROOTS", os.environ.get(
+                    "KILN_RUNNER_DATA_ROOTS", f"{self.data_dir / 'datasets'},{self.runner_dir(i)}")),
                 "KILN_RUNNER_SHUTDOWN_GRACE_S": str(drain)}, stop_wait_s=RUNNER_STOP_WAIT_S - RUNNER_SHUTDOWN_GRACE_S
                 + math.ceil(drain)))
         return progs
+
+    def page_origins(self) -> list[str]:
+        """Origins the web page is served from (the API's): the only browser origins the notifier accepts."""
+        hosts = {self.cfg.host} | ({"127.0.0.1", "localhost"} if self.cfg.host in ("127.0.0.1", "localhost") else set())
+        return sorted(f"http://{h}:{self.cfg.api_port}" for h in hosts)
+
+    def owner_key(self) -> str:
+        """The owner's API key that the API wrote on its first start (``secrets/owner.key``, mode 0600).
+
+        The API creates it during its startup, before it answers ``/healthz``: once the stack is up it exists unless
+        the database had an owner before this data dir's key file was made.
+        """
+        try:
+            return self.owner_key_file.read_text().strip()
+        except FileNotFoundError:
+            raise SystemExit(f"{self.owner_key_file} is missing: the database already had an owner when this data "
+                             "dir was set up; use one of the owner's keys (KILN_API_KEY)") from None
+
+    def _ensure_secrets(self) -> None:
+        """The ticket signing key pair, made once per data dir, readable only by this user."""
+        self.secrets.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.secrets, 0o700)
+        private, public = self.secrets / "ticket-signing.pem", self.secrets / "ticket-signing.pub"
+        if not private.exists():
+            from kiln_contracts.tickets import generate_keypair
+
+            pem, pub = generate_keypair()
+            fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+            public.write_bytes(pub)
 
     def runner_dir(self, i: int) -> Path:
         """Runner ``i``'s own work folder (its jobs, spools, dataset cache): runners never share one."""
@@ -136,6 +175,7 @@ class Stack:
                 raise SystemExit(f"port {self.cfg.nats_port} is taken; choose another with --nats-port")
             nats = Program("nats", [nats_server_bin(), "-js", "-a", "127.0.0.1", "-p", str(self.cfg.nats_port),
                                     "-sd", str(self.data_dir / "nats")])
+        self._ensure_secrets()
         subprocess.run([sys.executable, "-m", "kiln_store", "upgrade"], check=True, cwd=self.data_dir,
                        stdout=subprocess.DEVNULL, env={**os.environ, "KILN_DATABASE_URL": self.db_url})
         services = self.services()

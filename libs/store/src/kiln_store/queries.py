@@ -38,9 +38,13 @@ async def get_job(conn: AsyncConnection, job_id: str) -> dict[str, Any] | None:
 
 
 async def list_jobs(
-    conn: AsyncConnection, *, project: str | None = None, status: str | None = None, limit: int = 100, offset: int = 0
+    conn: AsyncConnection, *, project: str | None = None, status: str | None = None, limit: int = 100, offset: int = 0,
+    readable: list[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """Newest first; ``readable`` (when not None) limits the listing to those projects: a caller's own."""
     stmt = select(*_JOB_COLUMNS).select_from(jobs.outerjoin(job_status, job_status.c.job_id == jobs.c.id))
+    if readable is not None:
+        stmt = stmt.where(jobs.c.project.in_(readable))
     if project:
         stmt = stmt.where(jobs.c.project == project)
     if status:

@@ -40,8 +40,8 @@ class Authenticator:
         self._touched: dict[str, float] = {}
 
     async def caller(self, request: Request, conn: AsyncConnection) -> Caller:
-        header = request.headers.get("authorization")
-        if header is not None:
+        header = request.headers.get("authorization", "").strip()
+        if header:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise unauthorized("Authorization must be 'Bearer <API key or token>'")
