@@ -26,9 +26,10 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture()
-def stack(tmp_path, db_url):
+def stack(tmp_path, db_url, dataset):
     cfg = StackConfig(data_dir=tmp_path / "kiln", api_port=free_port(), notifier_port=free_port(),
-                      nats_port=free_port(), db_url=db_url)
+                      nats_port=free_port(), db_url=db_url,
+                      extra_env={"KILN_RUNNER_DATA_ROOTS": str(dataset.parent)})
     with Stack(cfg) as s:
         yield s
 
@@ -144,6 +145,45 @@ def test_rest_to_training_to_db_to_websocket(stack, api, dataset, db_url):
 
     per_epoch = asyncio.run(rows_in_db())
     assert [s for s, _ in per_epoch] == [1, 2] and all(n >= 8 for _, n in per_epoch)
+    assert_no_secret_anywhere(stack, [stack.owner_key()])
+
+
+def assert_no_secret_anywhere(stack: Stack, secrets: list[str]) -> None:
+    """After a whole run: no key in any service's log, any stream's messages (events, logs, audit, commands), any
+    process's argv, or the supervisord config (which holds every service's environment)."""
+    import nats
+    import psutil
+
+    haystacks = {str(p): p.read_bytes() for p in (stack.data_dir / "logs").glob("*.log")}
+    haystacks["supervisord.conf"] = stack.conf.read_bytes()
+    for proc in psutil.Process(stack.supervisord.pid).children(recursive=True):
+        try:
+            haystacks[f"argv of {proc.pid}"] = " ".join(proc.cmdline()).encode()
+        except psutil.Error:
+            pass
+
+    async def streams() -> dict[str, bytes]:
+        nc = await nats.connect(stack.nats_url)
+        js, out = nc.jetstream(), {}
+        for name in ("KILN_EVENTS", "KILN_LOGS", "KILN_AUDIT", "KILN_JOBS", "KILN_DLQ"):
+            info = await js.stream_info(name)
+            data = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                try:
+                    msg = await js.get_msg(name, seq)
+                except nats.js.errors.NotFoundError:
+                    continue
+                data.append(msg.data + repr(msg.headers).encode())
+            out[name] = b"\n".join(data)
+        await nc.close()
+        return out
+
+    haystacks |= asyncio.run(streams())
+    assert len(haystacks["KILN_EVENTS"]) > 1000 and len(haystacks["KILN_AUDIT"]) > 100
+    assert any(name.endswith("api.log") for name in haystacks)
+    for secret in secrets:
+        leaks = [name for name, data in haystacks.items() if secret.encode() in data]
+        assert not leaks, f"a key appears in {leaks}"
 
 
 def test_missing_dataset_fails_with_the_reason(api):
