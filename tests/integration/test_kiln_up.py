@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from kiln_local.cli import _where
 from kiln_local.stack import Stack, StackConfig, free_port
 from kiln_local.supervision import START_RETRIES, Program, render
 from supervisor.datatypes import RestartUnconditionally
@@ -105,6 +107,13 @@ def test_the_config_carries_awkward_values_through_supervisords_own_parser(tmp_p
 
 def test_a_killed_service_comes_back_and_one_that_keeps_failing_is_given_up(tmp_path):
     with Stack(stack_config(tmp_path / "kiln")) as stack:
+        # first start: the owner's key, readable only by this user, signs in; nothing answers without it
+        assert stat.S_IMODE(stack.secrets.stat().st_mode) == 0o700
+        assert stat.S_IMODE(stack.owner_key_file.stat().st_mode) == 0o600
+        me = httpx.get(f"{stack.api_url}/api/v1/me", headers={"Authorization": f"Bearer {stack.owner_key()}"})
+        assert me.status_code == 200 and me.json()["is_owner"]
+        assert httpx.get(f"{stack.api_url}/api/v1/jobs").status_code == 401
+        assert str(stack.owner_key_file) in _where(stack) and stack.owner_key() not in _where(stack)
         health = f"http://127.0.0.1:{stack.cfg.notifier_port}/healthz"
         old = stack.processes()["notifier"]["pid"]
         t0 = time.monotonic()

@@ -18,7 +18,7 @@ from kiln_contracts import JobSpec, StartJob
 from kiln_store import make_engine, upgrade
 
 from . import errors
-from .adapters import audit, jobs_repo
+from .adapters import accounts_repo, audit, jobs_repo
 from .adapters.bus import Bus
 from .auth.access import RateLimiter, authorize, check_rules
 from .auth.authenticate import Authenticator
@@ -47,6 +47,8 @@ async def _sweep(app: FastAPI, settings: Settings) -> None:
             async with app.state.engine.connect() as conn:
                 records = await audit.unpublished(conn)
                 await audit.publish(conn, app.state.bus, *records)
+                await accounts_repo.purge_sessions(conn)
+                await conn.commit()
         except Exception as exc:  # noqa: BLE001 - keep sweeping
             log.warning("sweep failed: %s", exc)
 

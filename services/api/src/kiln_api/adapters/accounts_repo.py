@@ -178,6 +178,14 @@ async def revoke_session(conn: AsyncConnection, session_id: str) -> None:
     await conn.execute(update(sessions).where(sessions.c.id == session_id).values(revoked_at=utcnow()))
 
 
+async def purge_sessions(conn: AsyncConnection, older_than: timedelta = timedelta(days=1)) -> int:
+    """Forget sessions that ended (expired or signed out) more than ``older_than`` ago."""
+    cutoff = utcnow() - older_than
+    res = await conn.execute(delete(sessions).where(
+        (sessions.c.expires_at < cutoff) | (sessions.c.revoked_at < cutoff)))
+    return res.rowcount or 0
+
+
 # -- first start ----------------------------------------------------------------------------------------------------
 
 async def bootstrap_owner(conn: AsyncConnection, key: NewKey) -> dict[str, Any] | None:

@@ -101,7 +101,8 @@ async def authorize(request: Request, conn: ConnDep) -> None:
     elif need in ("self", "user_admin"):
         await _check_user(request, conn, caller, need)
     if rule.get("rate"):
-        app.state.rate_limiter.hit(rule["rate"], caller.credential)
+        # per key (a page session counts against the key it signed in with); per user for OIDC tokens
+        app.state.rate_limiter.hit(rule["rate"], caller.key_id or f"user:{caller.user_id}")
 
 
 async def _check_role(request: Request, conn: AsyncConnection, caller: Caller, needed: Role,

@@ -1,4 +1,8 @@
 // The REST API, same origin as the page.
+//
+// Signed in, the page holds no credential of its own: the session is the HttpOnly cookie the API set, which
+// script cannot read. What script does hold, in memory only, is the session's CSRF token: request() sends it with
+// every state-changing call, and reports every 401 (a session that ended) to the page, which then asks to sign in.
 
 export class ApiError extends Error {
   /** `detail` is FastAPI's: a string, or a list of {loc, msg, type} for validation errors (422). */
@@ -9,12 +13,23 @@ export class ApiError extends Error {
   }
 }
 
-async function request(method, path, body) {
-  const init = {method, headers: {Accept: "application/json"}};
+const SAFE = new Set(["GET", "HEAD", "OPTIONS"]);
+const auth = {csrf: null, onLost: () => {}};
+
+/** The signed-in session's CSRF token (null: none), and what to do when the API answers 401 to a call. */
+export function useSession({csrf = null, onLost = () => {}} = {}) {
+  auth.csrf = csrf;
+  auth.onLost = onLost;
+}
+
+/** `signIn`: a call whose 401 means "wrong key" or "not signed in yet", not "the session ended". */
+async function request(method, path, body, {signIn = false} = {}) {
+  const init = {method, headers: {Accept: "application/json"}, credentials: "same-origin"};
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
+  if (!SAFE.has(method) && auth.csrf) init.headers["X-CSRF-Token"] = auth.csrf;
   let response;
   try {
     response = await fetch(path, init);
@@ -24,8 +39,10 @@ async function request(method, path, body) {
   const text = await response.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch { data = text; }
-  if (!response.ok) throw new ApiError(response.status, data && data.detail !== undefined ? data.detail : text);
-  return data;
+  if (response.ok) return data;
+  const error = new ApiError(response.status, data && data.detail !== undefined ? data.detail : text);
+  if (response.status === 401 && !signIn) auth.onLost(error.message);
+  throw error;
 }
 
 function query(params) {
@@ -41,6 +58,16 @@ const job = (id) => `${V1}/jobs/${encodeURIComponent(id)}`;
 export const api = {
   config: () => request("GET", `${V1}/config`),
   openapi: () => request("GET", "/openapi.json"),
+  /** {user, csrf_token, expires_at} of the cookie's session; 401 when there is none. */
+  session: () => request("GET", `${V1}/session`, undefined, {signIn: true}),
+  /** Exchange an API key for the session cookie; the key goes nowhere else. */
+  signIn: (apiKey) => request("POST", `${V1}/session`, {api_key: apiKey}, {signIn: true}),
+  signOut: () => request("DELETE", `${V1}/session`, undefined, {signIn: true}),
+  me: () => request("GET", `${V1}/me`),
+  /** The projects you may read, each with your `role`. */
+  projects: () => request("GET", `${V1}/projects`),
+  /** {ticket, expires_at, renew_within_s} for a notifier socket watching exactly these jobs and projects. */
+  ticket: ({jobs = [], projects = []}) => request("POST", `${V1}/ws-tickets`, {jobs, projects}),
   jobs: (params) => request("GET", `${V1}/jobs${query(params)}`),
   job: (id) => request("GET", job(id)),
   create: (body) => request("POST", `${V1}/jobs`, body),
