@@ -10,6 +10,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import jwt
 import nats
 import pytest
@@ -279,3 +280,106 @@ def test_oidc_access_tokens(nats_server, tmp_path, issuer):
 def test_a_new_key_has_at_least_128_random_bits():
     secrets_part = {new_api_key().secret.split("_", 2)[2] for _ in range(200)}
     assert len(secrets_part) == 200 and all(len(s) == 43 for s in secrets_part)  # 32 bytes = 256 bits
+
+
+class FakeIdP:
+    """An OpenID provider on a loopback port: discovery, authorize (approves at once), token (checks PKCE), JWKS."""
+
+    def __init__(self, subject: str = "ada@example") -> None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.subject, self.codes = subject, {}
+        idp = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _json(self, body: dict, status: int = 200) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802
+                from urllib.parse import parse_qs, urlencode, urlparse
+
+                url = urlparse(self.path)
+                q = {k: v[0] for k, v in parse_qs(url.query).items()}
+                if url.path == "/.well-known/openid-configuration":
+                    self._json({"issuer": idp.issuer, "authorization_endpoint": f"{idp.issuer}/authorize",
+                                "token_endpoint": f"{idp.issuer}/token", "jwks_uri": f"{idp.issuer}/jwks"})
+                elif url.path == "/jwks":
+                    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(idp.key.public_key()))
+                    self._json({"keys": [jwk | {"kid": "k1", "use": "sig", "alg": "RS256"}]})
+                elif url.path == "/authorize":
+                    code = f"code-{len(idp.codes)}"
+                    idp.codes[code] = q
+                    self.send_response(302)
+                    self.send_header("Location", q["redirect_uri"] + "?" + urlencode({"code": code, "state": q["state"]}))
+                    self.end_headers()
+
+            def do_POST(self):  # noqa: N802
+                import base64
+                import hashlib
+                from urllib.parse import parse_qs
+
+                form = {k: v[0] for k, v in parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode()).items()}
+                asked = idp.codes.pop(form.get("code", ""), None)
+                challenge = base64.urlsafe_b64encode(hashlib.sha256(form.get("code_verifier", "").encode()).digest())
+                if asked is None or challenge.rstrip(b"=").decode() != asked["code_challenge"]:
+                    self._json({"error": "invalid_grant"}, 400)
+                    return
+                now = int(time.time())
+                claims = {"iss": idp.issuer, "aud": asked["client_id"], "sub": idp.subject, "iat": now,
+                          "exp": now + 300, "nonce": asked["nonce"]}
+                self._json({"id_token": jwt.encode(claims, idp.key, algorithm="RS256", headers={"kid": "k1"}),
+                            "token_type": "Bearer", "access_token": "opaque"})
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_page_sign_in_through_oidc(nats_server, tmp_path):
+    idp = FakeIdP()
+    try:
+        with api_client(tmp_path, nats_url=nats_server.url, oidc_issuer=idp.issuer, oidc_client_id="kiln-page",
+                        cookie_secure=False) as c:
+            assert c.get("/api/v1/config").json()["oidc_login"] is True
+            c.post("/api/v1/users", json={"name": "ada", "oidc_subject": "ada@example"})
+
+            def sign_in(tamper=None):
+                start = c.get("/api/v1/session/oidc", headers={"Authorization": ""}, follow_redirects=False)
+                assert start.status_code == 302 and start.headers["location"].startswith(idp.issuer + "/authorize")
+                assert "code_challenge_method=S256" in start.headers["location"]
+                back = httpx.get(start.headers["location"], follow_redirects=False).headers["location"]
+                callback = back.replace("http://testserver", "")
+                return c.get(tamper(callback) if tamper else callback, headers={"Authorization": ""},
+                             follow_redirects=False)
+
+            done = sign_in()
+            assert done.status_code == 303 and done.headers["location"] == "/"
+            me = c.get("/api/v1/me", headers={"Authorization": ""})
+            assert me.status_code == 200 and me.json()["name"] == "ada" and me.json()["via"] == "session"
+            c.cookies.clear()
+            wrong_state = sign_in(lambda url: url.replace("state=", "state=x"))
+            assert "signin_error=" in wrong_state.headers["location"] and "state" in wrong_state.headers["location"]
+            assert c.get("/api/v1/me", headers={"Authorization": ""}).status_code == 401
+            urls = []
+            assert sign_in(lambda url: urls.append(url) or url).headers["location"] == "/"
+            c.cookies.clear()
+            c.get("/api/v1/session/oidc", headers={"Authorization": ""}, follow_redirects=False)  # a new flow cookie
+            replayed = c.get(urls[0], headers={"Authorization": ""}, follow_redirects=False)  # the old callback again
+            assert "signin_error=" in replayed.headers["location"]
+            assert c.get("/api/v1/me", headers={"Authorization": ""}).status_code == 401
+            c.cookies.clear()
+            idp.subject = "mallory@example"
+            stranger = sign_in()
+            assert "no%20active%20Kiln%20user" in stranger.headers["location"]
+            assert c.get("/api/v1/me", headers={"Authorization": ""}).status_code == 401
+    finally:
+        idp.server.shutdown()

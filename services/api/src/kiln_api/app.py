@@ -24,6 +24,7 @@ from .auth.access import RateLimiter, authorize, check_rules
 from .auth.authenticate import Authenticator
 from .auth.bootstrap import ensure_owner
 from .auth.oidc import OIDCVerifier
+from .auth.oidc_login import OIDCLogin
 from .limits import BodySizeLimit
 from .routes import accounts, artifacts, jobs, session
 from .settings import Settings
@@ -79,6 +80,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.authenticator = Authenticator(
         OIDCVerifier(settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_url, settings.oidc_user_claim,
                      settings.oidc_leeway_s) if settings.oidc_issuer else None)
+    app.state.oidc_login = (OIDCLogin(settings.oidc_issuer, settings.oidc_client_id,
+                                      settings.oidc_client_secret.get_secret_value() if settings.oidc_client_secret
+                                      else None, settings.oidc_user_claim, settings.oidc_leeway_s)
+                            if settings.oidc_issuer and settings.oidc_client_id else None)
     app.state.rate_limiter = RateLimiter({"create": settings.create_rate_limit}, settings.rate_limit_storage)
     app.state.ticket_key = (settings.ticket_private_key_file.read_bytes() if settings.ticket_private_key_file
                             else None)

@@ -199,3 +199,4 @@ class PublicConfig(BaseModel):
     notifier_url: str
     auth: str = Field(..., description="on or off")
     oidc_issuer: str | None = None
+    oidc_login: bool = Field(False, description="Whether GET /api/v1/session/oidc starts an OIDC sign-in.")

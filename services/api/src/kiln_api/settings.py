@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     oidc_jwks_url: str | None = Field(None, description="JWKS URL; default: the issuer's discovery document's.")
     oidc_user_claim: str = Field("sub", description="Claim matched against a user's oidc_subject.")
     oidc_leeway_s: int = Field(30, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
+    oidc_client_id: str | None = Field(None, description="The page's OIDC client id: enables 'Sign in with OIDC' "
+                                                         "(authorization code flow with PKCE).")
+    oidc_client_secret: SecretStr | None = Field(None, description="Client secret, for a confidential client.")
+    public_url: str | None = Field(None, description="The URL users reach the API at (https://kiln.example.com), "
+                                                     "for the OIDC redirect; default: the request's own.")
     # -- limits --
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body; larger ones answer 413.")
     create_rate_limit: str = Field(

@@ -5,7 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from urllib.parse import quote
+
 from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 
 from kiln_contracts import AuditAction, tickets
@@ -16,6 +19,8 @@ from ..auth import keys
 from ..auth.access import CallerDep, access
 from ..auth.authenticate import SESSION_COOKIE
 from ..auth.caller import Caller
+from ..auth.oidc import OIDCError
+from ..auth.oidc_login import FLOW_COOKIE, FLOW_TTL_S, Flow
 from ..deps import BusDep, ConnDep, SettingsDep
 from ..schemas import PublicConfig, SessionOut, SignIn, TicketOut, TicketRequest
 
@@ -25,7 +30,8 @@ router = APIRouter(tags=["session"])
 @router.get("/config", response_model=PublicConfig, **access("public"))
 async def client_config(settings: SettingsDep) -> dict[str, Any]:
     """What the web page needs before sign-in: where live events come from and how to sign in."""
-    return {"notifier_url": settings.notifier_url, "auth": settings.auth, "oidc_issuer": settings.oidc_issuer}
+    return {"notifier_url": settings.notifier_url, "auth": settings.auth, "oidc_issuer": settings.oidc_issuer,
+            "oidc_login": settings.oidc_issuer is not None and settings.oidc_client_id is not None}
 
 
 @router.post("/session", response_model=SessionOut, **access("public"))
@@ -33,6 +39,12 @@ async def sign_in(body: SignIn, request: Request, response: Response, conn: Conn
                   settings: SettingsDep) -> dict[str, Any]:
     """Sign the page in with an API key: sets an HttpOnly, Secure, SameSite=Strict session cookie."""
     caller = await request.app.state.authenticator.key_caller(body.api_key, conn)
+    row = await _open_session(conn, bus, settings, response, caller)
+    return {"user": caller.public(), "csrf_token": row["csrf"], "expires_at": row["expires_at"]}
+
+
+async def _open_session(conn: ConnDep, bus: BusDep, settings: SettingsDep, response: Response,
+                        caller: Caller) -> dict[str, Any]:
     token = keys.new_token()
     ttl = timedelta(seconds=settings.session_ttl_s)
     row = await accounts_repo.create_session(conn, caller.user_id, caller.key_id, keys.digest(token), ttl)
@@ -42,7 +54,51 @@ async def sign_in(body: SignIn, request: Request, response: Response, conn: Conn
     response.set_cookie(SESSION_COOKIE, token, max_age=settings.session_ttl_s, path="/", httponly=True,
                         secure=settings.cookie_secure, samesite="strict")
     caller.via, caller.credential = "session", f"session:{row['id']}"
-    return {"user": caller.public(), "csrf_token": row["csrf"], "expires_at": row["expires_at"]}
+    return row
+
+
+def _redirect_uri(request: Request, settings: SettingsDep) -> str:
+    base = settings.public_url or str(request.base_url)
+    return base.rstrip("/") + "/api/v1/session/oidc/callback"
+
+
+@router.get("/session/oidc", status_code=302, response_class=RedirectResponse, **access("public"))
+async def oidc_sign_in(request: Request, settings: SettingsDep) -> RedirectResponse:
+    """Start the page's OIDC sign-in: a redirect to the identity provider (authorization code flow with PKCE)."""
+    login = request.app.state.oidc_login
+    if login is None:
+        raise HTTPException(404, "OIDC sign-in is not configured (KILN_API_OIDC_ISSUER and KILN_API_OIDC_CLIENT_ID)")
+    flow = Flow.new()
+    response = RedirectResponse(await login.authorization_url(flow, _redirect_uri(request, settings)), 302)
+    # Lax, not Strict: the identity provider's redirect back is a cross-site navigation that must carry it.
+    response.set_cookie(FLOW_COOKIE, flow.cookie(), max_age=FLOW_TTL_S, path="/api/v1/session/oidc", httponly=True,
+                        secure=settings.cookie_secure, samesite="lax")
+    return response
+
+
+@router.get("/session/oidc/callback", status_code=303, response_class=RedirectResponse, **access("public"))
+async def oidc_callback(request: Request, conn: ConnDep, bus: BusDep, settings: SettingsDep,
+                        code: str | None = None, state: str | None = None,
+                        error: str | None = None) -> RedirectResponse:
+    """The identity provider's redirect back: checks it, opens a page session, and returns to the page."""
+    login = request.app.state.oidc_login
+    if login is None:
+        raise HTTPException(404, "OIDC sign-in is not configured")
+    try:
+        if error or not code or not state:
+            raise OIDCError(f"the identity provider answered {error or 'without a code'}")
+        flow = Flow.from_cookie(request.cookies.get(FLOW_COOKIE))
+        subject = await login.subject(flow, code, state, _redirect_uri(request, settings))
+        user = await accounts_repo.user_by_subject(conn, subject)
+        if user is None or user["disabled_at"] is not None:
+            raise OIDCError("you signed in, but no active Kiln user has your identity: ask the owner to add you")
+    except OIDCError as exc:
+        return RedirectResponse(f"/?signin_error={quote(str(exc))}", 303)
+    response = RedirectResponse("/", 303)
+    response.delete_cookie(FLOW_COOKIE, path="/api/v1/session/oidc")
+    caller = Caller(user["id"], user["name"], user["is_owner"], credential="oidc", via="oidc")
+    await _open_session(conn, bus, settings, response, caller)
+    return response
 
 
 @router.get("/session", response_model=SessionOut, **access("user"))

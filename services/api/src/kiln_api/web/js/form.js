@@ -2,6 +2,7 @@
 // server accepts is here with its default, bounds and description. Validation is the server's: a 422's
 // errors are shown next to the fields they name.
 
+import {CREATE} from "./access.js";
 import {ApiError, api, fieldErrors} from "./api.js";
 import {fill, h, toast} from "./dom.js";
 
@@ -98,7 +99,25 @@ function read(f, el) {
   return raw;
 }
 
-export function formView(root, {params, navigate, openapi}) {
+/** The project field offers only the projects where this user may create jobs. */
+function projectChoices(fields, projects) {
+  const f = fields.get("project");
+  if (f) fields.set("project", {...f, type: "enum", options: projects});
+}
+
+/** What a user who may create jobs nowhere sees instead of a form that would be refused. */
+function cannotCreate(access) {
+  const projects = access.projects();
+  return h("div", {class: "card cannot"}, h("h2", {}, "You cannot create jobs"),
+    h("p", {}, projects.length
+      ? `Your role is ${projects.map((p) => `${access.role(p)} in ${p}`).join(", ")}: creating jobs needs `
+        + `${access.need(CREATE)} or admin.`
+      : "You are not a member of any project yet."),
+    h("p", {class: "muted"}, "A project admin or the instance owner can change your role."),
+    h("a", {href: "#/jobs"}, "Back to jobs"));
+}
+
+export function formView(root, {params, navigate, openapi, access, showProject}) {
   const fields = describeFields(openapi);
   const form = h("form", {class: "job-form", novalidate: true});
   const formError = h("div", {class: "form-error", role: "alert", hidden: true});
@@ -128,6 +147,12 @@ export function formView(root, {params, navigate, openapi}) {
     const models = h("datalist", {id: "model-suggestions"}, MODELS.map((m) => h("option", {value: m})));
     fill(form, formError, sections, models,
       h("div", {class: "form-actions"}, h("label", {class: "check"}, start, " Start right away"), submit));
+    const project = controls.get("project");
+    if (project) {
+      const show = () => showProject(read(fields.get("project"), project));
+      project.addEventListener("change", show);
+      show();
+    }
   }
 
   function body() {
@@ -188,14 +213,25 @@ export function formView(root, {params, navigate, openapi}) {
     return out;
   }
 
-  fill(root, h("div", {class: "form-page"}, h("header", {class: "page-head"}, h("h1", {}, "New job")),
-    h("div", {class: "card"}, form)));
-  const from = params.get("from");
-  if (from) {
-    api.job(from).then((job) => build({...job.spec, name: job.spec.name ? `${job.spec.name} (copy)` : ""}))
-      .catch((err) => { build({}); toast(err.message, "error"); });
-  } else {
-    build({});
-  }
-  return () => {};
+  const page = h("div", {class: "form-page"}, h("header", {class: "page-head"}, h("h1", {}, "New job")),
+    h("div", {class: "card"}, form));
+  let closed = false;
+  fill(root, h("p", {class: "muted"}, "Loading…"));
+  (async () => {
+    // Roles change: ask again rather than trust what was true at sign-in.
+    const from = params.get("from");
+    const [projects, job] = await Promise.all([api.projects().catch(() => null),
+      from ? api.job(from).catch((err) => { toast(err.message, "error"); return null; }) : null]);
+    if (closed) return;
+    if (projects) access.update(projects);
+    const writable = access.allowing(CREATE);
+    if (!writable.length) {
+      fill(root, cannotCreate(access));
+      return;
+    }
+    projectChoices(fields, writable);
+    fill(root, page);
+    build(job ? {...job.spec, name: job.spec.name ? `${job.spec.name} (copy)` : ""} : {});
+  })();
+  return () => { closed = true; };
 }

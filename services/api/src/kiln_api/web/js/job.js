@@ -4,6 +4,7 @@
 // two: the socket replays the job's history and then follows it live, the REST answers fill in whatever the
 // streams no longer hold, and every merge is idempotent (metrics by step, logs by line, status by rank).
 
+import {CANCEL, CREATE, RERUN, START} from "./access.js";
 import {api} from "./api.js";
 import {GROUPS, LiveChart, MetricStore, groupOf, metricStyle} from "./charts.js";
 import {ACTIVE, clock, debounce, duration, fill, h, num, primaryMetric, runSeconds, statusChip, statusWins, toast}
@@ -12,7 +13,7 @@ import {artifactsPanel, bestOf, failurePanel, progressPanel, recordPanel, timeli
   from "./jobparts.js";
 import {LogTail} from "./logtail.js";
 
-export function jobView(root, {id, live, features, navigate}) {
+export function jobView(root, {id, live, features, navigate, access, showProject}) {
   const s = {job: null, progress: null, lastLogs: null, timeline: [], artifacts: [], epochs: new MetricStore(),
     steps: new MetricStore(), charts: new Map(), buffered: [], cancelArmed: false};
   const logs = new LogTail();
@@ -55,17 +56,20 @@ export function jobView(root, {id, live, features, navigate}) {
     const best = bestOf(s.epochs, primaryMetric(job.spec?.task)) || bestOf(s.epochs, "fitness");
     const active = ACTIVE.has(job.status);
     const button = (label, onclick, cls = "") => h("button", {class: `btn ${cls}`, type: "button", onclick}, label);
+    const may = (operation) => access.may(operation, job.project);
     return h("header", {class: "job-head"},
       h("div", {class: "job-title"},
         h("h1", {}, job.name || job.id), statusChip(job.status),
         job.attempt > 1 ? h("span", {class: "muted"}, `attempt ${job.attempt}`) : null,
         job.name ? h("span", {class: "muted mono small", title: "job id"}, job.id) : null,
         h("div", {class: "actions"},
-          job.status === "created" ? button("Start", () => act(api.start(id)), "btn-primary") : null,
-          active ? button(s.cancelArmed ? "Confirm cancel" : "Cancel", cancel, "btn-danger") : null,
-          button("Re-run", rerun),
-          button("Edit as new", () => navigate(`#/new?from=${encodeURIComponent(id)}`)),
-          button("Compare", () => navigate(`#/compare?ids=${encodeURIComponent(id)}`)))),
+          job.status === "created" && may(START) ? button("Start", () => act(api.start(id)), "btn-primary") : null,
+          active && may(CANCEL) ? button(s.cancelArmed ? "Confirm cancel" : "Cancel", cancel, "btn-danger") : null,
+          may(RERUN) ? button("Re-run", rerun) : null,
+          access.allowing(CREATE).length ? button("Edit as new", () => navigate(`#/new?from=${encodeURIComponent(id)}`))
+            : null,
+          button("Compare", () => navigate(`#/compare?ids=${encodeURIComponent(id)}`)),
+          may(CANCEL) ? null : h("span", {class: "view-only", title: access.why(CANCEL, job.project)}, "view only"))),
       h("dl", {class: "meta"},
         meta("Project", job.project),
         meta("Model", job.spec?.model), meta("Dataset", h("span", {title: job.spec?.dataset}, job.spec?.dataset)),
@@ -250,10 +254,13 @@ export function jobView(root, {id, live, features, navigate}) {
       s.steps.load(stepSeries);
       logs.seed(tail);
       mergeDetail(detail);
+      showProject(detail.project);
       for (const ev of s.buffered.splice(0)) apply(ev);
     } catch (err) {
       if (closed) return;
-      fill(root, h("div", {class: "card error-page"}, h("h2", {}, "Job not available"), h("p", {}, err.message),
+      // 404 also when the job is in a project of someone else's: the API does not tell the two apart, nor do we.
+      fill(root, h("div", {class: "card error-page"},
+        h("h2", {}, err.status === 404 ? "Job not found" : "Job not available"), h("p", {}, err.message),
         h("a", {href: "#/jobs"}, "Back to jobs")));
     }
   })();

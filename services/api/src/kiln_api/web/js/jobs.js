@@ -1,5 +1,6 @@
 // The jobs list: live status, progress and best metric per job, a status filter, selection for comparing.
 
+import {CANCEL} from "./access.js";
 import {api} from "./api.js";
 import {ACTIVE, ago, clock, debounce, duration, fill, h, num, primaryMetric, runSeconds, shortMetric, shortPath,
   statusChip, statusWins, toast} from "./dom.js";
@@ -7,8 +8,9 @@ import {ACTIVE, ago, clock, debounce, duration, fill, h, num, primaryMetric, run
 const FILTERS = [["all", "All"], ["active", "Active"], ["running", "Running"], ["queued", "Queued"],
   ["completed", "Completed"], ["failed", "Failed"], ["cancelled", "Cancelled"], ["lost", "Lost"]];
 const LIMIT = 200;
+const MAX_PROJECTS = 100;  // what one ticket (and one notifier socket) may name
 
-export function jobsView(root, {live, params, navigate}) {
+export function jobsView(root, {live, params, navigate, access}) {
   const filter = FILTERS.some(([f]) => f === params.get("status")) ? params.get("status") : "all";
   const jobs = new Map();
   const best = new Map();
@@ -67,7 +69,7 @@ export function jobsView(root, {live, params, navigate}) {
         b ? h("span", {}, num(b.value), h("span", {class: "muted small"}, ` ${b.label}`)) : "–"),
       h("td", {title: clock(j.started_at)}, ago(j.started_at)),
       h("td", {dataset: {duration: j.id}}, duration(runSeconds(j))),
-      h("td", {class: "row-actions"}, ACTIVE.has(j.status) ? h("button", {class: "btn btn-small btn-danger",
+      h("td", {class: "row-actions"}, ACTIVE.has(j.status) && access.may(CANCEL, j.project) ? h("button", {class: "btn btn-small btn-danger",
         type: "button", onclick: () => cancel(j.id)}, armed.has(j.id) ? "Confirm" : "Cancel") : null));
   }
 
@@ -108,7 +110,7 @@ export function jobsView(root, {live, params, navigate}) {
       for (const j of list) { merge(j); merged.set(j.id, jobs.get(j.id)); }
       jobs.clear();
       for (const [id, j] of merged) jobs.set(id, j);
-      follow(new Set(["default", ...list.map((j) => j.project)]));
+      follow(new Set([...list.map((j) => j.project), ...access.projects()]));
       fetchBest(list);
       render();
     } catch (err) {
@@ -116,8 +118,10 @@ export function jobsView(root, {live, params, navigate}) {
     }
   }, 150);
 
+  // Every project this user may read: a job created in any of them appears without a reload.
   function follow(projects) {
     for (const p of projects) {
+      if (subs.size >= MAX_PROJECTS) break;
       if (!subs.has(p)) subs.set(p, live.subscribe({project: p}, {event: onEvent, ready: () => reload()}));
     }
   }
@@ -176,7 +180,7 @@ export function jobsView(root, {live, params, navigate}) {
   const onVisible = () => document.visibilityState === "visible" && reload();
   document.addEventListener("visibilitychange", onVisible);
 
-  follow(new Set(["default"]));
+  follow(new Set(access.projects()));
   reload();
 
   return () => {
