@@ -11,6 +11,8 @@ from kiln_contracts import Heartbeat, subjects
 
 from kiln_testing.notifier import (  # noqa: E402
     Publisher,
+    authorized,
+    closed_with,
     connect_js,
     events,
     expect,
@@ -18,6 +20,7 @@ from kiln_testing.notifier import (  # noqa: E402
     new_job,
     running_notifier,
     silence,
+    ticket,
     ws_connect,
 )
 
@@ -45,7 +48,8 @@ async def test_healthz_reports_nats(notifier: str) -> None:
 async def test_live_events_arrive_in_order(notifier: str, js) -> None:
     job_id, project = new_job()
     pub = Publisher(js, job_id, project)
-    async with ws_connect(notifier, f"/api/v1/ws/jobs/{job_id}") as ws:
+    async with ws_connect(notifier, f"/api/v1/ws/jobs/{job_id}", ticket(jobs={job_id: project})) as ws:
+        await authorized(ws)
         hello = await expect(ws, "subscribed")
         assert hello == {"type": "subscribed", "sub": f"job:{job_id}", "after_events": None, "after_logs": None}
         sent = [await pub.epoch(n) for n in (1, 2, 3)] + [await pub.finished()]
@@ -62,7 +66,8 @@ async def test_late_client_gets_history_then_live(notifier: str, js) -> None:
     job_id, project = new_job()
     pub = Publisher(js, job_id, project)
     history = [await pub.epoch(1), await pub.logs("epoch 1 done"), await pub.epoch(2)]
-    async with ws_connect(notifier, f"/api/v1/ws/jobs/{job_id}") as ws:
+    async with ws_connect(notifier, f"/api/v1/ws/jobs/{job_id}", ticket(jobs={job_id: project})) as ws:
+        await authorized(ws)
         await expect(ws, "subscribed")
         replayed = await events(ws, 3)
         live = [await pub.epoch(3), await pub.finished()]
@@ -80,13 +85,15 @@ async def test_reconnect_after_cursor_resumes_exactly(notifier: str, js) -> None
     pub = Publisher(js, job_id, project)
     sent = [await pub.epoch(n) for n in (1, 2, 3)] + [await pub.finished()]
     log_1, log_2 = await pub.logs("a"), await pub.logs("b")
-    async with ws_connect(notifier, f"/api/v1/ws/jobs/{job_id}") as ws:
+    async with ws_connect(notifier, f"/api/v1/ws/jobs/{job_id}", ticket(jobs={job_id: project})) as ws:
+        await authorized(ws)
         await expect(ws, "subscribed")
         first = await events(ws, 6)
     ev_seqs = [m["seq"] for m in first if m["stream"] == "events"]
     log_seqs = [m["seq"] for m in first if m["stream"] == "logs"]
     path = f"/api/v1/ws/jobs/{job_id}?after_events={ev_seqs[1]}&after_logs={log_seqs[0]}"
-    async with ws_connect(notifier, path) as ws:
+    async with ws_connect(notifier, path, ticket(jobs={job_id: project})) as ws:
+        await authorized(ws)
         hello = await expect(ws, "subscribed")
         assert (hello["after_events"], hello["after_logs"]) == (ev_seqs[1], log_seqs[0])
         rest = await events(ws, 3)
@@ -101,7 +108,8 @@ async def test_reconnect_after_cursor_resumes_exactly(notifier: str, js) -> None
 async def test_invalid_messages_are_skipped(notifier: str, js) -> None:
     job_id, project = new_job()
     pub = Publisher(js, job_id, project)
-    async with ws_connect(notifier, f"/api/v1/ws/jobs/{job_id}") as ws:
+    async with ws_connect(notifier, f"/api/v1/ws/jobs/{job_id}", ticket(jobs={job_id: project})) as ws:
+        await authorized(ws)
         await expect(ws, "subscribed")
         await js.publish(subjects.event(project, job_id, "epoch"), b"not json")
         good = await pub.epoch(1)
@@ -117,31 +125,33 @@ async def test_heartbeats_only_on_request(notifier: str, js) -> None:
     pub = Publisher(js, job_id, project)
     await pub.publish(Heartbeat(runner="r1"), source="runner")
     marker = await pub.epoch(1)
-    async with ws_connect(notifier, f"/api/v1/ws/jobs/{job_id}") as ws:
+    async with ws_connect(notifier, f"/api/v1/ws/jobs/{job_id}", ticket(jobs={job_id: project})) as ws:
+        await authorized(ws)
         await expect(ws, "subscribed")
         assert ids(await events(ws, 1)) == [marker.id]
-    async with ws_connect(notifier, f"/api/v1/ws/jobs/{job_id}?heartbeats=1") as ws:
+    async with ws_connect(notifier, f"/api/v1/ws/jobs/{job_id}?heartbeats=1", ticket(jobs={job_id: project})) as ws:
+        await authorized(ws)
         await expect(ws, "subscribed")
         assert [m["event"]["data"]["kind"] for m in await events(ws, 2)] == ["heartbeat", "epoch"]
 
 
 async def test_bad_job_id_and_cursor_are_refused(notifier: str) -> None:
-    async with ws_connect(notifier, "/api/v1/ws/jobs/bad.id") as ws:
-        assert (await expect(ws, "error"))["reason"]
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await ws.recv()
-    assert closed.value.rcvd.code == 1008
-    with pytest.raises(websockets.InvalidStatus):  # FastAPI rejects the query before the handshake
-        async with ws_connect(notifier, "/api/v1/ws/jobs/j1?after_events=-1"):
-            pass
+    # Checked once the ticket is: an error saying what is wrong, then 1008 (do not retry as is).
+    async with ws_connect(notifier, "/api/v1/ws/jobs/bad.id", ticket(jobs={"j1": "p1"})) as ws:
+        code, got = await closed_with(ws)
+    assert code == 1008 and [m["type"] for m in got] == ["error"] and "not a valid subject token" in got[0]["reason"]
+    async with ws_connect(notifier, "/api/v1/ws/jobs/j1?after_events=-1", ticket(jobs={"j1": "p1"})) as ws:
+        code, got = await closed_with(ws)
+    assert code == 1008 and got[0]["reason"] == "after_events: Input should be greater than or equal to 0"
 
 
 async def test_origin_check(nats_url: str) -> None:
     with running_notifier(nats_url, allowed_origins="https://kiln.example") as address:
         with pytest.raises(websockets.InvalidStatus) as refused:
-            async with ws_connect(address, "/api/v1/ws", origin="https://evil.example"):
+            async with ws_connect(address, "/api/v1/ws", ticket(projects=["p1"]), origin="https://evil.example"):
                 pass
         assert refused.value.response.status_code == 403
-        async with ws_connect(address, "/api/v1/ws", origin="https://kiln.example") as ws:
+        async with ws_connect(address, "/api/v1/ws", ticket(projects=["p1"]), origin="https://kiln.example") as ws:
+            await authorized(ws)
             await ws.send('{"op": "nonsense"}')
             assert (await expect(ws, "error"))["reason"]

@@ -13,17 +13,24 @@ from nats.js import api
 
 from kiln_notifier.adapters.jetstream import Feed, Listener, Rendered, consumer_config
 from kiln_notifier.domain import (
+    MAX_SEQ,
+    Auth,
     Outbox,
     Outgoing,
+    Renew,
     SeqGate,
     Subscribe,
     Unsubscribe,
     event_message,
+    job_socket_op,
     origin_allowed,
     overflow_message,
     parse_op,
 )
 from kiln_notifier.settings import NotifierSettings
+from pydantic import ValidationError
+
+from kiln_testing.notifier import PRIVATE_KEY, public_key_file
 
 
 def _event(data=None) -> Event:
@@ -65,10 +72,41 @@ def test_parse_op() -> None:
             parse_op(bad)
 
 
+def test_parse_ticket_ops_never_echo_the_ticket() -> None:
+    op = parse_op('{"op": "auth", "ticket": "eyJ.secret.sig"}')
+    assert isinstance(op, Auth) and op.ticket == "eyJ.secret.sig" and "secret" not in repr(op)
+    assert isinstance(parse_op('{"op": "renew", "ticket": "t"}'), Renew)
+    for bad in ('{"op": "renew", "ticket": 12345}', '{"op": "auth", "ticket": "eyJ.secret.sig", "x": 1}'):
+        with pytest.raises(ValueError) as refused:
+            parse_op(bad)
+        assert "secret" not in str(refused.value) and "12345" not in str(refused.value)
+    with pytest.raises(ValueError, match="^unknown op: expected one of auth, renew, subscribe, unsubscribe$"):
+        parse_op('{"op": "explode"}')
+
+
+@pytest.mark.parametrize(("query", "reason"), [
+    ({"after_events": "abc"}, "after_events: Input should be a valid integer"),
+    ({"after_logs": "-1"}, "after_logs: Input should be greater than or equal to 0"),
+    ({"after_events": str(MAX_SEQ + 1)}, "after_events: Input should be less than or equal to 9223372036854775807"),
+    ({"heartbeats": "maybe"}, "heartbeats: Input should be a valid boolean"),
+])
+def test_job_socket_query_is_checked_with_a_reason(query: dict[str, str], reason: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        job_socket_op("j1", query)
+    assert str(refused.value).startswith(reason)
+
+
+def test_job_socket_query_accepts_cursors_up_to_the_largest_sequence() -> None:
+    op = job_socket_op("j1", {"after_events": str(MAX_SEQ), "after_logs": "0", "heartbeats": "1", "x": "ignored"})
+    assert (op.key, op.after_events, op.after_logs, op.heartbeats) == ("job:j1", MAX_SEQ, 0, True)
+
+
 def test_origin_policy() -> None:
-    assert origin_allowed("https://evil.example", [])
-    assert origin_allowed(None, ["https://kiln.example"])  # non-browser clients send no Origin
-    assert origin_allowed("https://kiln.example/", ["https://kiln.example"])
+    assert origin_allowed("https://evil.example", [])  # auth off: an empty list means no check
+    assert not origin_allowed("https://evil.example", [], listed_only=True)  # auth on: no browser origin
+    assert origin_allowed(None, [], listed_only=True)  # non-browser clients send no Origin: their ticket guards them
+    assert origin_allowed(None, ["https://kiln.example"])
+    assert origin_allowed("https://kiln.example/", ["https://kiln.example"], listed_only=True)
     assert not origin_allowed("https://evil.example", ["https://kiln.example"])
 
 
@@ -140,10 +178,35 @@ def test_consumer_start_positions() -> None:
 
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_NOTIFIER_TICKET_PUBLIC_KEY_FILE", str(public_key_file()))
     monkeypatch.setenv("KILN_NOTIFIER_ALLOWED_ORIGINS", "https://a.example, https://b.example")
     monkeypatch.setenv("KILN_NOTIFIER_CLIENT_QUEUE", "5")
     settings = NotifierSettings()
     assert settings.allowed_origins == ["https://a.example", "https://b.example"]
     assert (settings.client_queue, settings.host, settings.port) == (5, "127.0.0.1", 8001)
+    assert (settings.auth, settings.recheck_s, settings.auth_timeout_s) == ("tickets", 300, 5)
+    assert settings.public_key == public_key_file().read_bytes()
     monkeypatch.setenv("KILN_NOTIFIER_ALLOWED_ORIGINS", '["https://c.example"]')
     assert NotifierSettings().allowed_origins == ["https://c.example"]
+
+
+def test_settings_refuse_auth_without_a_usable_key(tmp_path) -> None:
+    with pytest.raises(ValidationError, match="KILN_NOTIFIER_TICKET_PUBLIC_KEY_FILE is required"):
+        NotifierSettings()
+    with pytest.raises(ValidationError, match="cannot read the ticket public key file"):
+        NotifierSettings(ticket_public_key_file=tmp_path / "missing.pem")
+    (tmp_path / "private.pem").write_bytes(PRIVATE_KEY)  # the wrong half of the pair
+    with pytest.raises(ValidationError, match="is not a PEM public key"):
+        NotifierSettings(ticket_public_key_file=tmp_path / "private.pem")
+
+
+def test_settings_allow_auth_off_on_loopback_only() -> None:
+    assert NotifierSettings(auth="off", host="::1").public_key is None
+    with pytest.raises(ValidationError, match="loopback host only, not 0.0.0.0"):
+        NotifierSettings(auth="off", host="0.0.0.0")
+
+
+@pytest.mark.parametrize("recheck_s", [0, -1, 301])
+def test_settings_bound_the_recheck(recheck_s: float) -> None:
+    with pytest.raises(ValidationError, match="recheck_s"):
+        NotifierSettings(ticket_public_key_file=public_key_file(), recheck_s=recheck_s)

@@ -15,11 +15,13 @@ from kiln_contracts import MetricsLogged, subjects
 
 from kiln_testing.notifier import (  # noqa: E402
     Publisher,
+    authorized,
     connect_js,
     expect,
     new_job,
     running_notifier,
     silence,
+    ticket,
     ws_connect,
 )
 
@@ -28,8 +30,9 @@ async def _consumers_on(js: Any, stream: str, subject: str) -> int:
     return sum(1 for c in await js.consumers_info(stream) if c.config.filter_subject == subject)
 
 
-async def _collect(address: str, path: str, total: int, got: list[dict[str, Any]]) -> None:
-    async with ws_connect(address, path, max_queue=None) as ws:
+async def _collect(address: str, path: str, scope: str, total: int, got: list[dict[str, Any]]) -> None:
+    async with ws_connect(address, path, scope, max_queue=None) as ws:
+        await authorized(ws)
         await expect(ws, "subscribed")
         while len(got) < total:
             msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -66,7 +69,8 @@ async def test_clients_joining_mid_stream_switch_to_the_shared_feed_without_gap_
                     cursor = {m["stream"]: m["seq"] for m in prefix}
                     path += "?" + "&".join(f"after_{k}={v}" for k, v in sorted(cursor.items()))
                     had = {m["event"]["id"] for m in prefix}
-            readers.append((had, got, asyncio.create_task(_collect(address, path, total - len(had), got))))
+            scope = ticket(jobs={job_id: project})
+            readers.append((had, got, asyncio.create_task(_collect(address, path, scope, total - len(had), got))))
         await producer
         await asyncio.gather(*(t for _, _, t in readers))
         ids = list(sent)
@@ -84,11 +88,14 @@ async def test_many_clients_of_one_job_share_one_live_consumer_per_stream(nats_u
     job_id, project = new_job()
     pub = Publisher(js, job_id, project)
     await pub.epoch(1)  # some history, so that every client replays first
-    events_subject, logs_subject = subjects.job_events(job_id), subjects.job_logs(job_id)
+    # The ticket names the job's project: the notifier reads exactly that project's subjects.
+    events_subject, logs_subject = subjects.job_events(job_id, project), subjects.job_logs(job_id, project)
+    scope = ticket(jobs={job_id: project})
     with running_notifier(nats_url) as address:
-        sockets = [await ws_connect(address, f"/api/v1/ws/jobs/{job_id}").__aenter__() for _ in range(20)]
+        sockets = [await ws_connect(address, f"/api/v1/ws/jobs/{job_id}", scope).__aenter__() for _ in range(20)]
         try:
             for ws in sockets:
+                await authorized(ws)
                 await expect(ws, "subscribed")
                 assert (await expect(ws, "event"))["seq"] > 0
             live = await pub.epoch(2)

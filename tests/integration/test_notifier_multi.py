@@ -13,6 +13,7 @@ import websockets
 from kiln_testing.notifier import (
     small_window_socket,  # noqa: E402
     Publisher,
+    authorized,
     connect_js,
     events,
     expect,
@@ -21,6 +22,7 @@ from kiln_testing.notifier import (
     next_message,
     running_notifier,
     silence,
+    ticket,
     ws_connect,
 )
 
@@ -41,7 +43,8 @@ async def test_subscribe_jobs_and_projects(nats_url: str, js) -> None:
     a, b = Publisher(js, job_a, proj_a), Publisher(js, job_b, proj_b)
     old_a = await a.epoch(1)
     with running_notifier(nats_url) as address:
-        async with ws_connect(address, "/api/v1/ws") as ws:
+        async with ws_connect(address, "/api/v1/ws", ticket(jobs={job_a: proj_a}, projects=[proj_b])) as ws:
+            await authorized(ws)
             await send(ws, op="subscribe", job_id=job_a)
             assert (await expect(ws, "subscribed"))["sub"] == f"job:{job_a}"
             assert ids(await events(ws, 1)) == [old_a.id]  # a job subscription replays its history
@@ -74,7 +77,8 @@ async def test_subscribe_jobs_and_projects(nats_url: str, js) -> None:
 
 async def test_bad_operations_are_answered_not_fatal(nats_url: str) -> None:
     with running_notifier(nats_url, max_subscriptions=1) as address:
-        async with ws_connect(address, "/api/v1/ws") as ws:
+        async with ws_connect(address, "/api/v1/ws", ticket(jobs={"j1": "p1", "j2": "p2"})) as ws:
+            await authorized(ws)
             for bad in ("{", '{"op": "explode"}', '{"op": "subscribe"}', '{"op": "subscribe", "job_id": "a.b"}',
                         '{"op": "subscribe", "project": "p", "after_logs": 3}', '{"op": "unsubscribe", "job_id": "x"}'):
                 await ws.send(bad)
@@ -94,8 +98,10 @@ async def test_stalled_client_is_cut_off_and_resumes_without_loss(nats_url: str,
     # (~13 MB) still exceeds what the stalled one can absorb (~3 MB of kernel buffers + 32 queued messages, ~2 MB),
     # so it must overflow.
     with running_notifier(nats_url, client_queue=32, close_timeout_s=30) as address:
-        stalled = await ws_connect(address, path, sock=small_window_socket(address), max_queue=1)
-        async with ws_connect(address, path) as healthy:
+        stalled = await ws_connect(address, path, ticket(jobs={job_id: project}), sock=small_window_socket(address),
+                                   max_queue=1)
+        async with ws_connect(address, path, ticket(jobs={job_id: project})) as healthy:
+            await authorized(healthy)
             await expect(healthy, "subscribed")
             reader = asyncio.create_task(events(healthy, total, timeout=30))
             published = []
@@ -115,7 +121,7 @@ async def test_stalled_client_is_cut_off_and_resumes_without_loss(nats_url: str,
             while True:
                 received.append(json.loads(await asyncio.wait_for(stalled.recv(), 20)))
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
-        assert received[0]["type"] == "subscribed"
+        assert [m["type"] for m in received[:2]] == ["authorized", "subscribed"]
         notice = received[-1]
         assert notice["type"] == "overflow", notice
         relayed = [m for m in received if m["type"] == "event"]
@@ -128,7 +134,9 @@ async def test_stalled_client_is_cut_off_and_resumes_without_loss(nats_url: str,
         # reader's queue: then the client is told where it stopped and resumes from there, as the web page does.
         rest: list[dict[str, Any]] = []
         for _ in range(20):
-            async with ws_connect(address, f"{path}?after_logs={cursor['after_logs']}") as again:
+            async with ws_connect(address, f"{path}?after_logs={cursor['after_logs']}",
+                                  ticket(jobs={job_id: project})) as again:
+                await authorized(again)
                 await expect(again, "subscribed")
                 while len(relayed) + len(rest) < total:
                     msg = await next_message(again, 10.0)
@@ -149,7 +157,8 @@ async def test_fast_client_replays_long_history_through_small_queue(nats_url: st
     pub = Publisher(js, job_id, project)
     history = [await pub.epoch(n, epochs=300) for n in range(1, 301)]
     with running_notifier(nats_url, client_queue=4) as address:
-        async with ws_connect(address, f"/api/v1/ws/jobs/{job_id}") as ws:
+        async with ws_connect(address, f"/api/v1/ws/jobs/{job_id}", ticket(jobs={job_id: project})) as ws:
+            await authorized(ws)
             await expect(ws, "subscribed")
             assert ids(await events(ws, len(history))) == [e.id for e in history]
             await silence(ws, 0.3)

@@ -12,7 +12,16 @@ from typing import Any
 
 from kiln_contracts import MetricsLogged
 
-from kiln_testing.notifier import Publisher, connect_js, expect, new_job, running_notifier, ws_connect  # noqa: E402
+from kiln_testing.notifier import (  # noqa: E402
+    Publisher,
+    authorized,
+    connect_js,
+    expect,
+    new_job,
+    running_notifier,
+    ticket,
+    ws_connect,
+)
 
 
 async def _read(ws: Any, got: list[dict[str, Any]], cursor: dict[str, int], until: int) -> None:
@@ -43,7 +52,9 @@ async def test_a_client_hopping_between_replicas_with_its_cursor_sees_no_gap_and
         cursor: dict[str, int] = {}
         for hop, (address, until) in enumerate(((a, 60), (b, 140), (a, 220), (b, total))):
             query = "&".join(f"after_{s}={q}" for s, q in sorted(cursor.items()))
-            async with ws_connect(address, f"/api/v1/ws/jobs/{job_id}" + (f"?{query}" if query else "")) as ws:
+            path = f"/api/v1/ws/jobs/{job_id}" + (f"?{query}" if query else "")
+            async with ws_connect(address, path, ticket(jobs={job_id: project})) as ws:  # each replica checks it
+                await authorized(ws)
                 hello = await expect(ws, "subscribed")
                 if hop:
                     assert hello["after_events"] == cursor.get("events")
@@ -51,7 +62,8 @@ async def test_a_client_hopping_between_replicas_with_its_cursor_sees_no_gap_and
             # leaving mid-stream: the producer goes on publishing while nobody watches
         await producer
         # a second client, on the other replica, from the start: the same messages in the same order
-        async with ws_connect(b, f"/api/v1/ws/jobs/{job_id}") as ws:
+        async with ws_connect(b, f"/api/v1/ws/jobs/{job_id}", ticket(jobs={job_id: project})) as ws:
+            await authorized(ws)
             await expect(ws, "subscribed")
             again: list[dict[str, Any]] = []
             await _read(ws, again, {}, total)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from kiln_testing.notifier import (  # noqa: E402
     Publisher,
+    authorized,
     connect_js,
     events,
     expect,
@@ -12,6 +13,7 @@ from kiln_testing.notifier import (  # noqa: E402
     new_job,
     running_notifier,
     silence,
+    ticket,
     ws_connect,
 )
 
@@ -21,7 +23,8 @@ async def test_nats_restart_resumes_live_view(nats_server) -> None:
     with running_notifier(nats_server.url, consumer_idle_heartbeat_s=0.5) as address:
         nc, js = await connect_js(nats_server.url)
         pub = Publisher(js, job_id, project)
-        async with ws_connect(address, f"/api/v1/ws/jobs/{job_id}") as ws:
+        async with ws_connect(address, f"/api/v1/ws/jobs/{job_id}", ticket(jobs={job_id: project})) as ws:
+            await authorized(ws)
             await expect(ws, "subscribed")
             before = [await pub.epoch(1), await pub.epoch(2)]
             assert ids(await events(ws, 2)) == [e.id for e in before]

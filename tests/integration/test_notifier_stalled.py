@@ -9,7 +9,18 @@ import time
 import pytest
 import websockets
 
-from kiln_testing.notifier import Publisher, small_window_socket, connect_js, expect, ids, new_job, running_notifier, ws_connect
+from kiln_testing.notifier import (
+    Publisher,
+    authorized,
+    connect_js,
+    expect,
+    ids,
+    new_job,
+    running_notifier,
+    small_window_socket,
+    ticket,
+    ws_connect,
+)
 
 
 @pytest.fixture()
@@ -24,12 +35,14 @@ async def test_one_stalled_client_never_slows_100_live_ones(nats_url: str, js) -
     live_job, live_project = new_job()
     noisy, live = Publisher(js, noisy_job, noisy_project), Publisher(js, live_job, live_project)
     with running_notifier(nats_url, client_queue=8, close_timeout_s=30) as address:
-        stalled = await ws_connect(address, f"/api/v1/ws/jobs/{noisy_job}", sock=small_window_socket(address),
-                                   max_queue=1)
+        stalled = await ws_connect(address, f"/api/v1/ws/jobs/{noisy_job}", ticket(jobs={noisy_job: noisy_project}),
+                                   sock=small_window_socket(address), max_queue=1)
+        scope = ticket(jobs={live_job: live_project})
         async with contextlib.AsyncExitStack() as stack:
-            clients = [await stack.enter_async_context(ws_connect(address, f"/api/v1/ws/jobs/{live_job}"))
+            clients = [await stack.enter_async_context(ws_connect(address, f"/api/v1/ws/jobs/{live_job}", scope))
                        for _ in range(100)]
             for ws in clients:
+                await authorized(ws)
                 await expect(ws, "subscribed")
 
             async def read_all(ws, n):  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ from kiln_contracts.streams import ensure_streams
 from nats.aio.client import Client as NATS
 
 from .adapters.jetstream import Fanout
+from .auth import Tickets
 from .handlers import Hub, router
 from .settings import NotifierSettings
 
@@ -19,6 +20,11 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: NotifierSettings) -> FastAPI:
     """Build the notifier app; it connects to NATS when served (lifespan), never at import or build time."""
+    tickets = None
+    if settings.auth != "off":  # fail closed: auth on without a key is a bug, never an open notifier
+        if settings.public_key is None:
+            raise RuntimeError("auth is on but no ticket public key was loaded")
+        tickets = Tickets(settings.public_key, settings.recheck_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,7 +45,8 @@ def create_app(settings: NotifierSettings) -> FastAPI:
         js = nc.jetstream()
         await ensure_streams(js)
         app.state.hub = Hub(
-            settings=settings, nc=nc, js=js, fanout=Fanout(js, idle_heartbeat=settings.consumer_idle_heartbeat_s))
+            settings=settings, nc=nc, js=js, fanout=Fanout(js, idle_heartbeat=settings.consumer_idle_heartbeat_s),
+            tickets=tickets)
         log.info("notifier connected to %s", nc.connected_url.netloc if nc.connected_url else settings.nats_url)
         try:
             yield

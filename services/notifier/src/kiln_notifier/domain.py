@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from kiln_contracts import Event, subjects
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 EVENTS = "events"
 LOGS = "logs"
 HEARTBEAT_KIND = "heartbeat"
+MAX_SEQ = 2**63 - 1
+"""Largest cursor a client may send (JetStream sequences are 64-bit)."""
 
 
 def job_key(job_id: str) -> str:
@@ -104,8 +106,9 @@ class Subscribe(_Target):
     """``{"op": "subscribe", "job_id": "...", "after_events": N, "after_logs": M}`` or ``{"project": "..."}``."""
 
     op: Literal["subscribe"]
-    after_events: int | None = Field(None, ge=0, description="Last events-stream sequence the client has.")
-    after_logs: int | None = Field(None, ge=0, description="Last logs-stream sequence the client has (jobs only).")
+    after_events: int | None = Field(None, ge=0, le=MAX_SEQ, description="Last events-stream sequence the client has.")
+    after_logs: int | None = Field(
+        None, ge=0, le=MAX_SEQ, description="Last logs-stream sequence the client has (jobs only).")
     heartbeats: bool = Field(False, description="Also relay heartbeat events.")
 
     @model_validator(mode="after")
@@ -121,34 +124,96 @@ class Unsubscribe(_Target):
     op: Literal["unsubscribe"]
 
 
-_OP = TypeAdapter(Annotated[Union[Subscribe, Unsubscribe], Field(discriminator="op")])
+class _WithTicket(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ticket: str = Field(..., repr=False, description="The JWT from ``POST /api/v1/ws-tickets``; never logged.")
 
 
-def parse_op(text: str) -> Subscribe | Unsubscribe:
+class Auth(_WithTicket):
+    """``{"op": "auth", "ticket": "..."}``: the first frame of a socket that sent no ticket in its handshake."""
+
+    op: Literal["auth"]
+
+
+class Renew(_WithTicket):
+    """``{"op": "renew", "ticket": "..."}``: a fresh ticket before the socket's ``expires_at``."""
+
+    op: Literal["renew"]
+
+
+Op = Subscribe | Unsubscribe | Auth | Renew
+_OP: TypeAdapter[Op] = TypeAdapter(Annotated[Op, Field(discriminator="op")])
+OPS = "auth, renew, subscribe, unsubscribe"
+
+
+def parse_op(text: str) -> Op:
     """Parse one client message.
 
     Raises:
-        ValueError: with a short reason fit to send back to the client.
+        ValueError: with a short reason fit to send back to the client (never the ticket it carried).
+
+    Example:
+        >>> parse_op('{"op": "explode"}')
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown op: expected one of auth, renew, subscribe, unsubscribe
     """
     try:
         return _OP.validate_json(text)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{where}: {first['msg']}" if where else first["msg"]) from None
+        raise ValueError(_reason(exc)) from None
+
+
+def job_socket_op(job_id: str, query: Mapping[str, str]) -> Subscribe:
+    """The subscription a single-job socket's path and query ask for.
+
+    Raises:
+        ValueError: a bad job id or query parameter (non-numeric, negative or too large cursor), fit for the client.
+
+    Example:
+        >>> job_socket_op("j-1", {"after_events": "118", "heartbeats": "1"}).after_events
+        118
+        >>> job_socket_op("j-1", {"after_logs": "-1"})
+        Traceback (most recent call last):
+        ...
+        ValueError: after_logs: Input should be greater than or equal to 0
+    """
+    fields: dict[str, object] = {"op": "subscribe", "job_id": job_id}
+    fields |= {name: query[name] for name in ("after_events", "after_logs", "heartbeats") if name in query}
+    try:
+        return Subscribe.model_validate(fields)
+    except ValidationError as exc:
+        raise ValueError(_reason(exc)) from None
+
+
+def _reason(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return f"unknown op: expected one of {OPS}"
+    where = ".".join(str(p) for p in first["loc"])
+    msg = str(first["msg"]).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
 
 
 # -- policies -----------------------------------------------------------------------------------------------------
 
 
-def origin_allowed(origin: str | None, allowed: Sequence[str]) -> bool:
+def origin_allowed(origin: str | None, allowed: Sequence[str], *, listed_only: bool = False) -> bool:
     """Whether a WebSocket handshake may proceed.
 
     Only browsers send ``Origin`` and only browsers can be abused cross-site, so a handshake without one
-    (CLI, scripts) passes; authentication, not Origin, is what guards those.
+    (CLI, scripts) passes; its ticket, not Origin, is what guards it. An empty ``allowed`` means no check,
+    unless ``listed_only`` (auth on): then no browser origin at all.
+
+    Example:
+        >>> origin_allowed("https://evil.example", []), origin_allowed("https://evil.example", [], listed_only=True)
+        (True, False)
     """
-    if not allowed or origin is None:
+    if origin is None:
         return True
+    if not allowed:
+        return not listed_only
     return origin.rstrip("/") in {a.rstrip("/") for a in allowed}
 
 

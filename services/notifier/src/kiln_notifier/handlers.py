@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, WebSocket
+from fastapi import APIRouter, Depends, Request, WebSocket
+from kiln_contracts.tickets import CLOSE_UNAUTHORIZED, SUBPROTOCOL
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from pydantic import ValidationError
 from starlette.status import WS_1008_POLICY_VIOLATION
 
 from .adapters.jetstream import Fanout
-from .domain import Subscribe, origin_allowed
+from .auth import TICKET_IN_URL, Tickets, offered_ticket
+from .domain import job_socket_op, origin_allowed
 from .session import Session
 from .settings import NotifierSettings
 
@@ -27,6 +28,7 @@ class Hub:
     nc: NATS
     js: JetStreamContext
     fanout: Fanout
+    tickets: Tickets | None  # None: auth off
 
 
 def http_hub(request: Request) -> Hub:
@@ -39,7 +41,6 @@ def ws_hub(websocket: WebSocket) -> Hub:
 
 HttpHub = Annotated[Hub, Depends(http_hub)]
 WsHub = Annotated[Hub, Depends(ws_hub)]
-Cursor = Annotated[int | None, Query(ge=0, description="Last stream sequence the client already has.")]
 
 
 @router.get("/healthz")
@@ -49,36 +50,50 @@ async def healthz(hub: HttpHub) -> dict[str, object]:
 
 
 @router.websocket("/api/v1/ws/jobs/{job_id}")
-async def job_socket(
-    websocket: WebSocket, job_id: str, hub: WsHub,
-    after_events: Cursor = None, after_logs: Cursor = None, heartbeats: bool = False,
-) -> None:
-    """One job's events and log batches: history after the cursor, then live."""
-    if not await _handshake(websocket, hub):
+async def job_socket(websocket: WebSocket, job_id: str, hub: WsHub) -> None:
+    """One job's events and log batches: history after the cursor (query), then live; opens once authorized."""
+    session = await _authorized_session(websocket, hub)
+    if session is None:
         return
-    session = Session(websocket, hub.fanout, hub.settings)
     try:
-        opening = Subscribe(
-            op="subscribe", job_id=job_id, after_events=after_events, after_logs=after_logs, heartbeats=heartbeats)
-    except ValidationError as exc:
-        await session.fail(exc.errors()[0]["msg"], WS_1008_POLICY_VIOLATION)
+        opening = job_socket_op(job_id, websocket.query_params)
+    except ValueError as exc:
+        await session.fail(str(exc), WS_1008_POLICY_VIOLATION)
         return
-    await session.run(opening=opening)
+    refused = session.refused(opening)
+    if refused is not None:  # a job outside the ticket ends this socket before anything of it is sent
+        await session.fail(refused, CLOSE_UNAUTHORIZED)
+        return
+    await session.run(on_text=session.handle_job_op, opening=opening)
 
 
 @router.websocket("/api/v1/ws")
 async def multi_socket(websocket: WebSocket, hub: WsHub) -> None:
-    """Any number of job or project subscriptions, driven by the client's subscribe/unsubscribe messages."""
-    if not await _handshake(websocket, hub):
+    """Any number of job or project subscriptions, driven by the client's messages once authorized."""
+    session = await _authorized_session(websocket, hub)
+    if session is None:
         return
-    session = Session(websocket, hub.fanout, hub.settings)
     await session.run(on_text=session.handle_op)
 
 
-async def _handshake(websocket: WebSocket, hub: Hub) -> bool:
-    # Closing before accept makes the server answer the handshake with HTTP 403.
-    if not origin_allowed(websocket.headers.get("origin"), hub.settings.allowed_origins):
+async def _authorized_session(websocket: WebSocket, hub: Hub) -> Session | None:
+    """Origin, where the ticket is, accept, then the ticket itself; ``None``: refused (and closed)."""
+    # Closing before accept makes the server answer the handshake with HTTP 403: a foreign page learns nothing.
+    if not origin_allowed(websocket.headers.get("origin"), hub.settings.allowed_origins,
+                          listed_only=hub.tickets is not None):
         await websocket.close(code=WS_1008_POLICY_VIOLATION)
-        return False
-    await websocket.accept()
-    return True
+        return None
+    offered = websocket.scope.get("subprotocols", [])
+    try:
+        token = offered_ticket(offered)
+        problem = TICKET_IN_URL if "ticket" in websocket.query_params else None
+    except ValueError as exc:
+        token, problem = None, str(exc)
+    # Accepted before any ticket is refused: a browser sees a 403 only as an anonymous 1006, but reads a close code.
+    # Never the ticket is echoed: kiln.v1 only, or nothing for a client that did not offer it.
+    await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+    session = Session(websocket, hub.fanout, hub.settings, hub.tickets)
+    if problem is not None:
+        await session.fail(problem, WS_1008_POLICY_VIOLATION)
+        return None
+    return session if await session.authorize(token) else None

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import logging
+import sys
+from typing import Any
 
 import uvicorn
+from pydantic import ValidationError
 
 from .app import create_app
+from .auth import redact
 from .settings import NotifierSettings
+
+
+class RedactTickets(logging.Filter):
+    """Takes tickets out of log lines: uvicorn logs each handshake's URL, and a client may put one there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = redact(text)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
 
 
 def build_server(settings: NotifierSettings) -> uvicorn.Server:
@@ -26,14 +41,27 @@ def build_server(settings: NotifierSettings) -> uvicorn.Server:
         # A client that stopped reading must not hold up a restart (its cursor lets it resume elsewhere).
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
     )
+    for name in ("uvicorn.error", "uvicorn.access"):  # set up by uvicorn.Config just above
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTickets) for f in logger.filters):
+            logger.addFilter(RedactTickets())
     return uvicorn.Server(config)
 
 
 def main() -> None:
     """Entry point of the ``kiln-notifier`` script."""
-    settings = NotifierSettings()
+    try:
+        settings = NotifierSettings()
+    except ValidationError as exc:
+        sys.exit(f"kiln-notifier: refusing to start: {'; '.join(_problem(e) for e in exc.errors())}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     build_server(settings).run()
+
+
+def _problem(error: Any) -> str:
+    """One settings error as the operator sees it: the variable to fix and why."""
+    reason = str(error["msg"]).removeprefix("Value error, ")
+    return f"KILN_NOTIFIER_{str(error['loc'][0]).upper()}: {reason}" if error["loc"] else reason
 
 
 if __name__ == "__main__":

@@ -245,12 +245,17 @@ class Relay:
         return len(self._subs)
 
     async def subscribe_job(
-        self, job_id: str, after_events: int | None, after_logs: int | None, *, heartbeats: bool = False,
-        on_ready: OnReady | None = None,
+        self, job_id: str, after_events: int | None, after_logs: int | None, *, project: str = "*",
+        heartbeats: bool = False, on_ready: OnReady | None = None,
     ) -> str:
-        """Relay one job's events and log batches after the client's cursor; returns the subscription key."""
+        """Relay one job's events and log batches after the client's cursor; returns the subscription key.
+
+        ``project`` is the one the client's ticket names for the job: only that project's subjects are read, so a
+        job id reused in another project stays invisible. ``"*"`` (any project) is for a notifier with auth off.
+        """
         key = job_key(job_id)
-        plan = [(EVENTS, subjects.job_events(job_id), after_events), (LOGS, subjects.job_logs(job_id), after_logs)]
+        plan = [(EVENTS, subjects.job_events(job_id, project), after_events),
+                (LOGS, subjects.job_logs(job_id, project), after_logs)]
         await self._open(key, plan, live_only=False, exact=True, heartbeats=heartbeats, on_ready=on_ready)
         return key
 
