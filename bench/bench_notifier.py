@@ -14,6 +14,10 @@ second for ``--duration`` seconds, and prints the latency from the event's creat
 clients of one job from one shared live consumer per stream (each client replays with its own consumer first).
 The clients all run in this one process: with 1,000 of them, its own CPU is part of the measured latency (see the
 CPU line).
+
+``--auth on`` (default) runs the notifier as deployed: each client connects with a signed ticket (minted here with a
+key pair made for the run, as the API would); ``--auth off`` runs it without tickets; ``--auth both`` runs off, then
+on, in this one process and prints the ratio of the two.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 import httpx
 import nats
 import websockets
-from kiln_contracts import EpochCompleted, Event
+from kiln_contracts import EpochCompleted, Event, tickets
 from kiln_contracts.streams import ensure_streams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +45,19 @@ sys.path.insert(0, str(ROOT / "tests"))
 from kiln_testing import NatsServer, free_port  # noqa: E402
 
 
-def start_notifier(nats_url: str, port: int) -> subprocess.Popen[bytes]:
+PROJECT = "bench"
+PRIVATE_KEY, PUBLIC_KEY = tickets.generate_keypair()
+
+
+def start_notifier(nats_url: str, port: int, auth: str, store: Path) -> subprocess.Popen[bytes]:
     """The notifier in its own process, as deployed (so the bench's clients do not share its event loop)."""
     env = os.environ | {
         "KILN_NOTIFIER_NATS_URL": nats_url, "KILN_NOTIFIER_PORT": str(port), "KILN_NOTIFIER_LOG_LEVEL": "WARNING",
+        "KILN_NOTIFIER_AUTH": "tickets" if auth == "on" else "off",
     }
+    if auth == "on":
+        (store / "ticket.pub").write_bytes(PUBLIC_KEY)
+        env["KILN_NOTIFIER_TICKET_PUBLIC_KEY_FILE"] = str(store / "ticket.pub")
     return subprocess.Popen([sys.executable, "-c", "from kiln_notifier.main import main; main()"], env=env)
 
 
@@ -71,8 +83,8 @@ def cpu_seconds(pid: int) -> float:
 class Client:
     """One WebSocket client watching one job; records latencies and sequence anomalies."""
 
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
+    def __init__(self, job_id: str, auth: bool) -> None:
+        self.job_id, self.auth = job_id, auth
         self.latencies: list[tuple[float, float]] = []  # (sent at, latency)
         self.seen: set[str] = set()
         self.duplicates = self.out_of_order = self.last_seq = self.resumes = 0
@@ -86,8 +98,13 @@ class Client:
             while not stop.is_set():
                 query = "&".join(f"after_{k}={v}" for k, v in sorted(cursor.items()))
                 url = f"ws://127.0.0.1:{port}/api/v1/ws/jobs/{self.job_id}" + (f"?{query}" if query else "")
+                protocols = None
+                if self.auth:  # a fresh ticket per connection, as a browser gets one from the API
+                    t = tickets.issue(tickets.Ticket(sub="bench", key="bench", jobs={self.job_id: PROJECT}), PRIVATE_KEY)
+                    protocols = ["kiln.v1", f"kiln.ticket.{t}"]
                 try:
-                    async with websockets.connect(url, proxy=None, open_timeout=30, max_queue=None) as ws:
+                    async with websockets.connect(url, proxy=None, open_timeout=30, max_queue=None,
+                                                  subprotocols=protocols) as ws:
                         # One plain ``async for`` per connection: a timer per message (wait_for) cost the
                         # bench's clients, which share the cores with the notifier, a good part of their CPU.
                         reader = asyncio.create_task(self._read(ws, cursor))
@@ -126,7 +143,7 @@ async def publish(js, job_id: str, rate: float, until: float, offset: float) -> 
     n, period, start = 0, 1.0 / rate, time.monotonic()
     while time.monotonic() < until:
         n += 1
-        ev = Event.new(job_id=job_id, project="bench", attempt=1, seq=n, source="trainer",
+        ev = Event.new(job_id=job_id, project=PROJECT, attempt=1, seq=n, source="trainer",
                        data=EpochCompleted(epoch=n, epochs=10**6, metrics={"metrics/mAP50(B)": 0.5, "fitness": 0.4}))
         await js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
         await asyncio.sleep(max(0.0, start + n * period - time.monotonic()))
@@ -137,19 +154,19 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
 
 
-async def bench(args: argparse.Namespace) -> None:
+async def bench(args: argparse.Namespace, auth: str) -> float | None:
     with tempfile.TemporaryDirectory() as store:
         server = NatsServer(Path(store))
         server.start()
         port = free_port()
-        notifier = start_notifier(server.url, port)
+        notifier = start_notifier(server.url, port, auth, Path(store))
         try:
             await wait_healthy(port)
             nc = await nats.connect(server.url)
             js = nc.jetstream()
             await ensure_streams(js)
             jobs = [f"bench-{i:04d}-{os.urandom(3).hex()}" for i in range(args.jobs)]
-            clients = [Client(jobs[i % len(jobs)]) for i in range(args.clients or args.jobs)]
+            clients = [Client(jobs[i % len(jobs)], auth == "on") for i in range(args.clients or args.jobs)]
             stop = asyncio.Event()
             tasks = []
             for c in clients:  # connect in small waves: a thousand handshakes at once time out on two cores
@@ -175,17 +192,17 @@ async def bench(args: argparse.Namespace) -> None:
             server.stop()
     per_job = dict(zip(jobs, counts, strict=True))
     expected = sum(per_job[c.job_id] for c in clients)
-    report(args, clients, sum(counts), expected, cpu, own, elapsed, wall0)
+    return report(args, auth, clients, sum(counts), expected, cpu, own, elapsed, wall0)
 
 
 def report(
-    args: argparse.Namespace, clients: list[Client], published: int, expected: int, cpu: float, own: float,
-    elapsed: float, wall0: float,
-) -> None:
+    args: argparse.Namespace, auth: str, clients: list[Client], published: int, expected: int, cpu: float,
+    own: float, elapsed: float, wall0: float,
+) -> float | None:
     # Events of the first --warmup seconds count for delivery, not for latency (connections and caches warming up).
     lat = sorted(x for c in clients for sent, x in c.latencies if sent >= wall0 + args.warmup)
     received = sum(len(c.seen) for c in clients)
-    print(f"jobs={args.jobs} clients={len(clients)} rate={args.rate}/s/job duration={args.duration}s")
+    print(f"auth={auth} jobs={args.jobs} clients={len(clients)} rate={args.rate}/s/job duration={args.duration}s")
     print(f"published={published} expected deliveries={expected} received={received} lost={expected - received} "
           f"duplicates={sum(c.duplicates for c in clients)} out_of_order={sum(c.out_of_order for c in clients)} "
           f"resumes={sum(c.resumes for c in clients)}")
@@ -195,6 +212,7 @@ def report(
     print(f"notifier CPU: {cpu:.2f}s over {elapsed:.1f}s ({100 * cpu / elapsed:.0f}% of one core), "
           f"{published / args.duration:.0f} events/s in, {expected / args.duration:.0f} messages/s out; "
           f"bench clients' CPU: {own:.2f}s ({100 * own / elapsed:.0f}% of one core)")
+    return pct([x * 1000 for x in lat], 99) if lat else None
 
 
 def main() -> None:
@@ -206,7 +224,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of publishing")
     parser.add_argument("--warmup", type=float, default=1.0, help="first seconds left out of the latency figures")
     parser.add_argument("--drain", type=float, default=2.0, help="seconds to wait for the last events")
-    asyncio.run(bench(parser.parse_args()))
+    parser.add_argument("--auth", choices=("on", "off", "both"), default="on",
+                        help="tickets required (on, as deployed), none (off), or off then on in one run (both)")
+    args = parser.parse_args()
+    p99 = {mode: asyncio.run(bench(args, mode)) for mode in (("off", "on") if args.auth == "both" else (args.auth,))}
+    if args.auth == "both" and p99["off"] and p99["on"]:
+        print(f"p99 with tickets / without: {p99['on'] / p99['off']:.2f}")
 
 
 if __name__ == "__main__":
