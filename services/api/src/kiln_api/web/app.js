@@ -130,13 +130,13 @@ function leave(app, notice) {
   showSignIn(app, notice);
 }
 
-function showSignIn(app, notice) {
+function showSignIn(app, notice, error = "") {
   document.body.dataset.auth = "out";
   document.title = "Sign in · Kiln";
   showWho(app, null);
   const root = h("div", {class: "route"});
   app.view.replaceChildren(root);
-  signInView(root, {config: app.config, notice, onSignedIn: (session) => start(app, () => session)});
+  signInView(root, {config: app.config, notice, error, onSignedIn: (session) => start(app, () => session)});
 }
 
 /** Enter with the session `get` returns; a 401 shows the sign-in screen. */
@@ -165,8 +165,20 @@ async function signOut(app) {
   }
 }
 
+/** The reason of a failed OIDC sign-in the API sent the browser back with; taken out of the address bar. */
+function oidcError() {
+  const params = new URLSearchParams(window.location.search);
+  const reason = params.get("signin_error");
+  if (reason === null) return "";
+  params.delete("signin_error");
+  const search = params.toString();
+  history.replaceState(null, "", window.location.pathname + (search ? `?${search}` : "") + window.location.hash);
+  return `Signing in with OIDC failed: ${reason}`;
+}
+
 async function boot() {
   const view = document.getElementById("view");
+  const failed = oidcError();
   let config;
   let openapi;
   try {
@@ -192,7 +204,7 @@ async function boot() {
     const session = await api.session();
     await start(app, () => session);
   } catch (err) {
-    if (err.status === 401) showSignIn(app, "");
+    if (err.status === 401) showSignIn(app, "", failed);
     else errorPage(view, "The Kiln API is not answering", err.message);
   }
 }

@@ -1,5 +1,7 @@
 // The sign-in screen: an API key is exchanged once for the session cookie (HttpOnly: script never sees it). The
-// key itself is kept nowhere: not in storage, not in the URL, not even in the field once it has been sent.
+// key itself is kept nowhere: not in storage, not in the URL, not even in the field once it has been sent. Where
+// the API has an OIDC client, the identity provider is offered too: the API runs that flow (authorization code with
+// PKCE) and sends the browser back to the page signed in, or with ?signin_error=<reason>.
 
 import {api} from "./api.js";
 import {h, fill} from "./dom.js";
@@ -13,8 +15,25 @@ export function signInError(err) {
   return `Signing in failed (HTTP ${err.status}): ${err.message}`;
 }
 
-/** Show the sign-in form in `root`; `onSignedIn(session)` gets the API's answer ({user, csrf_token, expires_at}). */
-export function signInView(root, {config, notice, onSignedIn}) {
+function oidcPart(config) {
+  if (config.oidc_login) {
+    return h("div", {class: "oidc"}, h("div", {class: "or"}, "or"),
+      h("a", {class: "btn oidc-start", href: "/api/v1/session/oidc"}, "Sign in with OIDC"),
+      h("p", {class: "hint"}, "Through ", h("code", {}, config.oidc_issuer), "."));
+  }
+  if (config.oidc_issuer) {
+    return h("p", {class: "hint oidc-note"},
+      "Scripts and the CLI may also use OIDC access tokens from ", h("code", {}, config.oidc_issuer),
+      " (", h("code", {}, "Authorization: Bearer <token>"), "). This page signs in with an API key only.");
+  }
+  return null;
+}
+
+/** Show the sign-in form in `root`; `onSignedIn(session)` gets the API's answer ({user, csrf_token, expires_at}).
+ *
+ * `notice` says why the screen is shown (signed out, session ended); `error` is a failed sign-in to report.
+ */
+export function signInView(root, {config, notice, error: failed, onSignedIn}) {
   const input = h("input", {id: "api-key", name: "api-key", type: "password", autocomplete: "off",
     spellcheck: "false", autocapitalize: "off", placeholder: "kiln_…", "aria-describedby": "api-key-help"});
   const error = h("div", {class: "form-error", role: "alert", hidden: true});
@@ -54,8 +73,7 @@ export function signInView(root, {config, notice, onSignedIn}) {
     h("h1", {}, "Sign in to Kiln"),
     notice ? h("p", {class: "notice", role: "status"}, notice) : null,
     form,
-    config.oidc_issuer ? h("p", {class: "hint oidc-note"},
-      "Scripts and the CLI may also use OIDC access tokens from ", h("code", {}, config.oidc_issuer),
-      " (", h("code", {}, "Authorization: Bearer <token>"), "). This page signs in with an API key only.") : null)));
+    oidcPart(config))));
+  if (failed) fail(failed);
   input.focus();
 }
