@@ -1,6 +1,9 @@
 """The web page in a real browser: Debian's headless Chromium driven by Playwright, against the whole local stack
 (bundled nats-server, API, notifier, metrics-writer, a runner training YOLO for real).
 
+The page signs in with the owner's key (the stack writes it on first start); the test's own API calls use that key
+as a bearer token. Sign-in, sign-out and what other users see: test_web_auth.py.
+
 It starts a 2-epoch job from the form (after the server has rejected a bad image size next to the field), watches
 the chart gain points and the status become completed, cuts the page's live connection in the middle (the job
 finishes while it is cut) and checks that the page resumes from its cursors with nothing missing and nothing
@@ -61,9 +64,34 @@ def stack(tmp_path_factory):
         yield s
 
 
+def make_dataset(stack: Stack) -> Path:
+    """The tiny detection dataset, under the stack's datasets folder (runners read only under their data roots)."""
+    return make_detection_dataset(stack.data_dir / "datasets" / "shapes", n_train=16, n_val=8, imgsz=64)
+
+
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_detection_dataset(tmp_path_factory.mktemp("ds") / "shapes", n_train=16, n_val=8, imgsz=64)
+def dataset(stack):
+    return make_dataset(stack)
+
+
+@pytest.fixture(scope="module")
+def owner(stack) -> dict[str, str]:
+    """Headers of the test's own API calls: the owner's key as a bearer token."""
+    return bearer(stack.owner_key())
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def sign_in(page, api: str, key: str) -> None:
+    """Open the page, sign in through its form, and wait until it is live."""
+    page.goto(f"{api}/")
+    page.fill("#api-key", key)
+    page.click(".signin-form button[type=submit]")
+    page.wait_for_selector("#conn[data-state='live']")
+    # Before signing in, the page's session check answered 401 (Chromium logs it): that one is expected.
+    page.errors[:] = [e for e in page.errors if "status of 401" not in e]
 
 
 @pytest.fixture()
@@ -133,10 +161,10 @@ class Gate:
         self.holding, self.hold_after_first_epoch = False, False
 
 
-def wait_api(api: str, job_id: str, want: set[str], timeout: float = 120) -> dict:
+def wait_api(api: str, job_id: str, want: set[str], headers: dict[str, str], timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = httpx.get(f"{api}/api/v1/jobs/{job_id}", timeout=10).json()
+        job = httpx.get(f"{api}/api/v1/jobs/{job_id}", headers=headers, timeout=10).json()
         if job["status"] in want:
             return job
         time.sleep(0.2)
@@ -152,14 +180,13 @@ def shot(page, tmp_path: Path, name: str) -> None:
         shutil.copyfile(path, target)
 
 
-def test_start_watch_resume_compare_and_cancel_in_a_browser(browser_page, stack, dataset, tmp_path):
+def test_start_watch_resume_compare_and_cancel_in_a_browser(browser_page, stack, dataset, owner, tmp_path):
     page, api = browser_page, stack.api_url
     gate = Gate()
     gate.hold_after_first_epoch = True  # the page hears the first epoch, not (yet) the second: whatever the pace
     page.route_web_socket(re.compile(r"/api/v1/ws$"), gate)
 
-    page.goto(f"{api}/")
-    page.wait_for_selector("#conn[data-state='live']")
+    sign_in(page, api, stack.owner_key())
     page.click("nav.main >> text=New job")
 
     # The server's validation, shown next to the field it names.
@@ -189,7 +216,7 @@ def test_start_watch_resume_compare_and_cancel_in_a_browser(browser_page, stack,
     # ...then the connection is cut and the job finishes while the page cannot hear about it...
     gate.cut()
     page.wait_for_selector("#conn[data-state='reconnecting']")
-    wait_api(api, job_id, {"completed"})
+    wait_api(api, job_id, {"completed"}, owner)
     assert page.locator("[data-chart='loss']").get_attribute("data-points") == "1"
     assert head.get_attribute("data-status") != "completed"
     # ...and once it can reconnect it resumes from its cursors: the second point and the end arrive.
@@ -207,7 +234,7 @@ def test_start_watch_resume_compare_and_cancel_in_a_browser(browser_page, stack,
     # Every log line exactly once: the page shows what the API stored, in order, with no gap and no repeat.
     deadline = time.monotonic() + 15
     while True:
-        rows = httpx.get(f"{api}/api/v1/jobs/{job_id}/logs", params={"tail": 10000}).json()
+        rows = httpx.get(f"{api}/api/v1/jobs/{job_id}/logs", params={"tail": 10000}, headers=owner).json()
         stored = [ANSI.sub("", r["text"]) or " " for r in rows]
         shown = page.locator(".log-line").evaluate_all("els => els.map(e => e.textContent)")
         if stored == shown or time.monotonic() > deadline:
@@ -219,7 +246,7 @@ def test_start_watch_resume_compare_and_cancel_in_a_browser(browser_page, stack,
 
     # Cancel another job from its page: a long one, cancelled while it trains.
     r = httpx.post(f"{api}/api/v1/jobs", json={"name": "long run", "model": "yolov8n.yaml", "dataset": str(dataset),
-                                               "train": LONG_TRAIN, "start": True}, timeout=10)
+                                               "train": LONG_TRAIN, "start": True}, headers=owner, timeout=10)
     assert r.status_code == 201, r.text
     long_id = r.json()["id"]
     page.goto(f"{api}/#/jobs/{long_id}")
@@ -231,7 +258,7 @@ def test_start_watch_resume_compare_and_cancel_in_a_browser(browser_page, stack,
     panel = page.locator(".failure").inner_text()
     assert "exit code" not in panel, panel  # a cancel someone asked for is not a crash
     assert "\x1b" not in panel and "[K" not in panel, panel  # the trainer's last lines without terminal codes
-    assert wait_api(api, long_id, {"cancelled"}, timeout=30)["status"] == "cancelled"
+    assert wait_api(api, long_id, {"cancelled"}, owner, timeout=30)["status"] == "cancelled"
 
     # Compare overlays the same metric of both jobs.
     page.goto(f"{api}/#/compare?ids={job_id},{long_id}&metric=train/box_loss")
@@ -255,9 +282,11 @@ SHORT_TRAIN = {"epochs": 2, "imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "wa
 LOSS_POINTS = """() => { const el = document.querySelector("[data-chart='loss']"); return el && el.dataset.points; }"""
 
 
-def _short_job(api: str, dataset: Path, name: str) -> str:
+def short_job(api: str, dataset: Path, name: str, headers: dict[str, str], project: str = "default") -> str:
+    """Create and start a 2-epoch job through the REST API."""
     r = httpx.post(f"{api}/api/v1/jobs", json={"name": name, "model": "yolov8n.yaml", "dataset": str(dataset),
-                                               "train": SHORT_TRAIN, "start": True}, timeout=10)
+                                               "project": project, "train": SHORT_TRAIN, "start": True},
+                   headers=headers, timeout=10)
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
@@ -270,8 +299,8 @@ def _watch_loss_points(page) -> None:
       .observe(document.body, {subtree: true, attributes: true, attributeFilter: ["data-points"]}); }""")
 
 
-def _every_epoch_once(page, api: str, job_id: str) -> None:
-    stored = httpx.get(f"{api}/api/v1/jobs/{job_id}/epochs", timeout=10).json()
+def _every_epoch_once(page, api: str, job_id: str, headers: dict[str, str]) -> None:
+    stored = httpx.get(f"{api}/api/v1/jobs/{job_id}/epochs", headers=headers, timeout=10).json()
     assert [row["epoch"] for row in stored] == [1, 2]
     page.wait_for_selector(".job-head .chip[data-status='completed']")
     page.wait_for_function(f"({LOSS_POINTS})() === '2'")
@@ -284,36 +313,35 @@ def _every_epoch_once(page, api: str, job_id: str) -> None:
     assert page.evaluate("window.kiln.live.duplicates") == 0
 
 
-def test_a_short_job_shows_every_epoch_once_whatever_arrives_first(browser_page, stack, dataset):
+def test_a_short_job_shows_every_epoch_once_whatever_arrives_first(browser_page, stack, dataset, owner):
     """A job that ends before the page hears of it: the socket's messages held until it completed and then
     delivered in one burst (both epochs reach the page in the same frame), and the page's REST reads held
     until it completed while the socket runs live. Either way every epoch is on the chart exactly once."""
     page, api = browser_page, stack.api_url
     gate = Gate()
     page.route_web_socket(re.compile(r"/api/v1/ws$"), gate)
-    page.goto(f"{api}/")
-    page.wait_for_selector("#conn[data-state='live']")
+    sign_in(page, api, stack.owner_key())
 
     # 1. The notifier's messages reach the page only after the job has completed, all at once.
     gate.holding = True
-    job_id = _short_job(api, dataset, "burst")
+    job_id = short_job(api, dataset, "burst", owner)
     page.goto(f"{api}/#/jobs/{job_id}")
     page.wait_for_selector(".job-head .chip")  # the REST snapshot is in: queued, no epochs yet
     _watch_loss_points(page)
-    wait_api(api, job_id, {"completed"})
+    wait_api(api, job_id, {"completed"}, owner)
     page.wait_for_timeout(1000)  # the writer's epoch rows and the last events are on their way
     assert page.evaluate(LOSS_POINTS) is None and gate.held
     gate.release()
-    _every_epoch_once(page, api, job_id)
+    _every_epoch_once(page, api, job_id, owner)
 
     # 2. The page's REST reads wait until the job has completed; the socket delivers everything first.
     held: list = []
     reads = re.compile(r"/api/v1/jobs/[\w-]+(/metrics|/logs)?(\?.*)?$")
     page.route(reads, lambda route: held.append(route))
-    job_id = _short_job(api, dataset, "rest-late")
+    job_id = short_job(api, dataset, "rest-late", owner)
     page.goto(f"{api}/#/jobs/{job_id}")
     _watch_loss_points(page)
-    wait_api(api, job_id, {"completed"})
+    wait_api(api, job_id, {"completed"}, owner)
     page.wait_for_function("window.kiln.live.subs.size > 0")
     page.wait_for_timeout(1000)
     # The job's four reads (detail, epoch and step metrics, log tail) wait; nothing is drawn before them.
@@ -322,5 +350,5 @@ def test_a_short_job_shows_every_epoch_once_whatever_arrives_first(browser_page,
     for route in held:
         route.continue_()
     page.unroute(reads)
-    _every_epoch_once(page, api, job_id)
+    _every_epoch_once(page, api, job_id, owner)
     assert page.errors == []
