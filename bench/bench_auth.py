@@ -74,6 +74,9 @@ def rest(args: argparse.Namespace, on: str, off: str, key: str, job: str) -> Non
             httpx.Client(base_url=on) as cookie, httpx.Client(base_url=off) as open_:
         signed = cookie.post("/api/v1/session", json={"api_key": key})
         signed.raise_for_status()
+        # httpx keeps Secure cookies for https only; a browser sends this one to http://127.0.0.1 too
+        cookie.cookies.clear()
+        cookie.headers["Cookie"] = f"kiln_session={signed.cookies['kiln_session']}"
         samples: dict[str, list[float]] = {"open": [], "key": [], "cookie": [], "ticket": []}
         calls = {"open": lambda: open_.get(f"/api/v1/jobs/{job}"), "key": lambda: keyed.get(f"/api/v1/jobs/{job}"),
                  "cookie": lambda: cookie.get(f"/api/v1/jobs/{job}"),
