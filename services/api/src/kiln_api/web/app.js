@@ -106,8 +106,7 @@ async function enter(app, session) {
   const projects = await api.projects();
   if (app.user !== user) return;  // signed out meanwhile
   app.access = new Access(app.openapi, user, projects);
-  app.live = new Live(notifierUrl(app.config.notifier_url),
-    {issue: app.config.auth === "off" ? null : (scope) => api.ticket(scope)});
+  app.live = new Live(notifierUrl(app.config.notifier_url), {issue: (scope) => api.ticket(scope)});
   window.kiln = {live: app.live, features: app.features, access: app.access};
   app.unpill = connectionPill(app.live);
   document.body.dataset.auth = "in";

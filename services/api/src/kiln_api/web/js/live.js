@@ -9,9 +9,10 @@
 // With authentication on, a socket may watch only what its ticket names (js/tickets.js). Every connect asks the
 // API for a ticket naming every subscription; a subscription the ticket lacks waits for a wider one, sent as a
 // renewal, which also comes before the notifier's deadline. A renewal must cover everything the socket holds, or
-// the notifier closes it: so a ticket that misses a subscription made while it was being fetched is not sent.
+// the notifier closes it: so a ticket that misses a subscription made while it was being fetched is not sent. An
+// API that issues no tickets (503: not configured, as with authentication off) gets sockets without one.
 
-import {CLOSE_UNAUTHORIZED, protocols, renewAfterMs, scopeOf} from "./tickets.js";
+import {CLOSE_UNAUTHORIZED, offer, renewAfterMs, scopeOf} from "./tickets.js";
 
 const STATE_EVENT = "state";
 const RETRY_RENEWAL_MS = 5000;
@@ -26,7 +27,7 @@ export class Live extends EventTarget {
     this.closing = new Map(); // key -> unsubscribes not yet confirmed: messages of that key are the old one's
     this.covered = new Set(); // keys the socket's ticket names
     this.denied = new Map();  // key -> why the API would not put it in a ticket (not found, or not yours)
-    this.grant = null;        // the socket's latest ticket: {ticket, renew_within_s, keys, fetchedAt}
+    this.grant = null;        // the open socket's latest ticket {ticket, renew_within_s, keys, fetchedAt}; null: none
     this.state = "connecting";
     this.ws = null;
     this.attempt = 0;
@@ -75,7 +76,7 @@ export class Live extends EventTarget {
   }
 
   allowed(key) {
-    return !this.issue || this.covered.has(key);
+    return !this.grant || this.covered.has(key);
   }
 
   op(op, sub) {
@@ -90,23 +91,29 @@ export class Live extends EventTarget {
     clearTimeout(this.timer);
     clearTimeout(this.renewTimer);
     const run = ++this.runs;
+    Object.assign(this, {grant: null, covered: new Set()});
     this.setState(this.connects ? "reconnecting" : "connecting");
     let grant = null;
     if (this.issue) {
       try {
         grant = await this.ticket();
       } catch (err) {
-        if (run === this.runs && !this.stopped) this.retry(false, `no ticket: ${err.message}`);
-        return;
+        if (run !== this.runs || this.stopped) return;
+        if (err.status !== 503) {
+          this.retry(false, `no ticket: ${err.message}`);
+          return;
+        }
       }
       if (run !== this.runs || this.stopped) return;  // a newer connect, or signed out, while it was fetched
     }
-    const ws = grant ? new WebSocket(this.url, protocols(grant.ticket)) : new WebSocket(this.url);
+    const how = grant && offer(grant.ticket);
+    const ws = how ? new WebSocket(this.url, how.protocols) : new WebSocket(this.url);
     this.ws = ws;
     this.closing.clear();
     ws.onopen = () => {
       this.connects += 1;
       if (!grant) this.setState("live");  // with a ticket: once the notifier says it is accepted
+      if (how?.first) ws.send(JSON.stringify(how.first));
       this.covered = grant ? grant.keys : new Set();
       this.grant = grant;
       for (const sub of this.subs.values()) if (this.allowed(sub.key)) this.send(this.op("subscribe", sub));
@@ -121,6 +128,7 @@ export class Live extends EventTarget {
       this.ws = null;
       clearTimeout(this.renewTimer);
       this.covered = new Set();
+      this.grant = null;
       if (this.stopped) return;
       if (e.code === CLOSE_UNAUTHORIZED) this.unauthorized += 1;
       // 1013 (we were too slow) or 4401 (the ticket ran out) after a working connection: our cursors are exact,
@@ -203,7 +211,7 @@ export class Live extends EventTarget {
 
   /** Send the open socket a fresh ticket for every subscription (renewal, or a subscription it lacks). */
   async refresh() {
-    if (!this.issue || this.stopped) return;
+    if (!this.grant || this.stopped) return;  // a socket without a ticket has nothing to renew
     if (this.refreshing) { this.again = true; return; }
     this.refreshing = true;
     try {

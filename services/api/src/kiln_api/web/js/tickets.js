@@ -15,9 +15,14 @@ export function scopeOf(keys) {
   return scope;
 }
 
-/** The Sec-WebSocket-Protocol offer that carries a ticket (never the URL: URLs end up in access logs). */
-export function protocols(ticket) {
-  return [SUBPROTOCOL, TICKET_PREFIX + ticket];
+// A handshake header line holds at most 8 KiB (docs/websocket.md): a ticket naming many jobs goes in the first frame.
+const MAX_HEADER_TICKET = 4096;
+
+/** How a socket presents `ticket`: in its subprotocol offer, or (a long one) as its first frame; never in the URL,
+ * which ends up in access logs. */
+export function offer(ticket) {
+  if (ticket.length > MAX_HEADER_TICKET) return {protocols: [SUBPROTOCOL], first: {op: "auth", ticket}};
+  return {protocols: [SUBPROTOCOL, TICKET_PREFIX + ticket], first: null};
 }
 
 /** Issue time (Unix seconds) written in a ticket (a JWT); null when it cannot be read. */
