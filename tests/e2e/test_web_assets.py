@@ -110,12 +110,14 @@ def test_modules_parse(tmp_path: Path) -> None:
 
 
 TICKETS_CHECK = """
-import {scopeOf, protocols, issuedAt, renewAfterMs} from "./tickets.mjs";
+import {scopeOf, offer, issuedAt, renewAfterMs} from "./tickets.mjs";
 const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
 const jwt = `${b64({alg: "EdDSA"})}.${b64({sub: "u", iat: 1000, exp: 1060})}.sig`;
 const out = {
   scope: scopeOf(["job:j-1", "project:vision", "job:j-2"]),
-  protocols: protocols("abc"),
+  short: offer("abc"),
+  long: offer("x".repeat(5000)).protocols,  // too long for a header line: sent as the first frame instead
+  first: offer("x".repeat(5000)).first.op,
   iat: issuedAt(jwt), garbage: issuedAt("not-a-jwt"),
   api: renewAfterMs(jwt, 300),                 // the API's renew_within_s alone: 80 % of 300 s
   notifier: renewAfterMs(jwt, 300, 1010),      // the notifier allows 10 s after issue: renew after 8 s
@@ -133,5 +135,6 @@ def test_ticket_scope_and_renewal_time(tmp_path: Path) -> None:
     done = subprocess.run(["node", str(tmp_path / "check.mjs")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {
-        "scope": {"jobs": ["j-1", "j-2"], "projects": ["vision"]}, "protocols": ["kiln.v1", "kiln.ticket.abc"],
+        "scope": {"jobs": ["j-1", "j-2"], "projects": ["vision"]}, "short": {"protocols": ["kiln.v1", "kiln.ticket.abc"], "first": None},
+        "long": ["kiln.v1"], "first": "auth",
         "iat": 1000, "garbage": None, "api": 240_000, "notifier": 8000, "skewed": 240_000, "floor": 1000}

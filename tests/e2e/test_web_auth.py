@@ -346,3 +346,25 @@ def test_sign_in_through_the_identity_provider(browser, stack, owner, idp):
     assert page.locator("nav.main").is_hidden()
     assert page.errors == []
     page.context.close()
+
+
+def test_a_ticket_too_long_for_a_header_goes_in_the_first_frame(browser, stack, owner):
+    """The owner's list follows every project: with many, the ticket no longer fits a handshake header line."""
+    api = stack.api_url
+    projects = [f"many-{i:02d}-{'x' * 50}" for i in range(80)]
+    for p in projects:
+        assert owner.post("/api/v1/projects", json={"id": p}).status_code == 201
+    page = open_page(browser, expected=("status of 401",))
+    sockets = watch_sockets(page)
+    page.goto(f"{api}/")
+    sign_in(page, stack.owner_key())
+    page.wait_for_selector("#conn[data-state='live']")
+    first = json.loads(sockets["sent"][0])
+    assert first["op"] == "auth" and len(first["ticket"]) > 4096
+    assert live(page, "ws.protocol") == "kiln.v1"
+    # Heard over that socket: a job started in the last project appears in the list.
+    job = owner.post("/api/v1/jobs", json={"name": "far away", "model": "yolov8n.yaml", "dataset": "nowhere",
+                                           "project": projects[-1], "start": True}).json()["id"]
+    page.wait_for_selector(f"tr[data-job-id='{job}']")
+    assert page.errors == []
+    page.context.close()
