@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -19,14 +20,21 @@ FAKE_TRAINER = str(Path(__file__).resolve().parents[1] / "fixtures" / "fake_trai
 
 
 class RunnerProc:
-    """A real `python -m kiln_runner` process with a fake (or real) trainer."""
+    """A real `python -m kiln_runner` process with a fake (or real) trainer.
+
+    ``data_roots``: where its jobs may read datasets and model files; by default the parent of ``work``, the test's
+    own temporary folder, where every test keeps its datasets.
+    """
 
     def __init__(self, nats_url: str, work: Path, name: str, fake_log: Path, *, slots: int = 1, pool: str = "default",
-                 trainer_cmd: list[str] | None = None, **settings: object) -> None:
+                 trainer_cmd: list[str] | None = None, data_roots: list[Path] | None = None,
+                 **settings: object) -> None:
         self.name = name
+        roots = [work.parent] if data_roots is None else data_roots
         env = {**os.environ, "FAKE_LOG": str(fake_log), "KILN_RUNNER_NATS_URL": nats_url,
                "KILN_RUNNER_WORK_DIR": str(work / name), "KILN_RUNNER_RUNNER_ID": name,
                "KILN_RUNNER_SLOTS": str(slots), "KILN_RUNNER_POOL": pool,
+               "KILN_RUNNER_DATA_ROOTS": json.dumps([str(r) for r in roots]),
                "KILN_RUNNER_TRAINER_CMD": json.dumps(trainer_cmd or [sys.executable, FAKE_TRAINER])}
         for k, v in settings.items():
             env[f"KILN_RUNNER_{k.upper()}"] = v if isinstance(v, str) else json.dumps(v)
@@ -130,3 +138,20 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+class _Payload:
+    """Unpickling it opens (creates) ``marker``: what loading an untrusted ``.pt`` can do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (self.marker, "w"))
+
+
+def evil_pt(path: Path, marker: Path) -> Path:
+    """A ``.pt`` whose loading (plain pickle, or ``torch.load`` without ``weights_only``) creates ``marker``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(_Payload(marker), protocol=2))
+    return path

@@ -33,7 +33,7 @@ class Runner:
                  recheck: asyncio.Event | None = None) -> None:
         self.settings, self.nc, self.kv, self.registry = settings, nc, kv, registry
         self.datasets = DatasetCache(settings.dataset_cache or settings.work_dir / "datasets", self._s3_client,
-                                     settings.s3_allowed_buckets)
+                                     settings.s3_allowed_buckets, lambda: settings.roots)
         self.checkpoints = CheckpointFetcher(settings.artifact_dir, settings.work_dir, settings.artifact_s3_uri,
                                              self._artifact_s3_client)
         self.js = nc.jetstream()

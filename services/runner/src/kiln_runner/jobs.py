@@ -20,6 +20,7 @@ from kiln_contracts import (
     Event, ExitClass, Heartbeat, JobFinished, JobStatus, JobStatusChanged, StartJob, utcnow,
 )
 
+from . import paths
 from .adapters import process
 from .adapters.checkpoints import CheckpointError, CheckpointFetcher, read_record, resume_fields
 from .adapters.datasets import DatasetCache, DatasetError, Resolved
@@ -40,9 +41,10 @@ class RunningJob:
                  checkpoints: CheckpointFetcher | None = None, spools: SpoolDrainer | None = None) -> None:
         self.cmd, self.settings, self.js, self.slot = cmd, settings, js, slot
         self.registry = registry
-        self.datasets = datasets or DatasetCache(settings.work_dir / "datasets")
+        self.datasets = datasets or DatasetCache(settings.work_dir / "datasets", data_roots=lambda: settings.roots)
         self.checkpoints = checkpoints
         self.resume_path: Path | None = None  # the fetched checkpoint this attempt resumes from
+        self.model_path: str | None = None  # the job's model file, checked against the data roots (None: shipped)
         self.spawn_ms: float | None = None
         self._reg_rev = 0
         self._reg_lock = asyncio.Lock()
@@ -73,7 +75,7 @@ class RunningJob:
                                                 reason=f"claimed by {self.settings.runner_id}", spec=self.cmd.spec))
         try:
             outcome = await self._run(host)
-        except DatasetError as exc:
+        except (DatasetError, paths.PathRefused) as exc:
             outcome = Outcome(JobStatus.failed, ExitClass.user_error, str(exc))
         except CheckpointError as exc:  # the same checkpoint would fail the same way again: not retried
             self.no_retry = True
@@ -110,13 +112,13 @@ class RunningJob:
         if self.spools is not None:
             self.spools.detach(self.dir / RUNNER_SPOOL)
 
-    def _env(self, dataset: Path) -> dict[str, str]:
+    def _env(self, data: Resolved) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_PREFIXES)}
         env.pop("PYTEST_CURRENT_TEST", None)  # Ultralytics changes behaviour "under pytest"
         env.update(
             KILN_JOB_ID=self.cmd.job_id, KILN_PROJECT=self.cmd.spec.project, KILN_ATTEMPT=str(self.cmd.attempt),
             KILN_NATS_URL=self.settings.nats_url, KILN_JOB_DIR=str(self.dir), KILN_JOB_SPEC=str(self.dir / "job.json"),
-            KILN_DATASET=str(dataset), KILN_SPOOL_DIR=str(self.dir / "spool"), PYTHONUNBUFFERED="1",
+            KILN_DATASET=str(data.data), KILN_SPOOL_DIR=str(self.dir / "spool"), PYTHONUNBUFFERED="1",
         )
         if self.settings.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.settings.gpus[self.slot % len(self.settings.gpus)]
@@ -130,16 +132,31 @@ class RunningJob:
             if value:
                 env[key] = str(value)
         env.update(s.trainer_env)
+        # After TRAINER_ENV: the trainer checks the roots this runner checked. Names are fixed; a job gives values only.
+        env[paths.ROOTS_ENV] = json.dumps(self._trainer_roots(data))
+        env.pop("KILN_MODEL", None)
+        if self.model_path is not None:
+            env["KILN_MODEL"] = self.model_path
         if s.ultralytics_autoload:
             from kiln_sdk.integrations.ultralytics_autoload import pythonpath
 
             env["PYTHONPATH"] = pythonpath(env.get("PYTHONPATH"))
         return env
 
+    def _trainer_roots(self, data: Resolved) -> list[str]:
+        """The runner's roots, and what it fetched for this attempt: an S3 snapshot, the resume checkpoint."""
+        s3 = self.cmd.spec.dataset.startswith("s3://")
+        extra = [str(data.data if data.data.is_dir() else data.data.parent)] if s3 else []
+        if self.resume_path is not None:
+            extra.append(str(self.resume_path.parent))
+        return list(paths.real_roots([*self.settings.roots, *extra]))
+
     async def _run(self, host: str) -> Outcome:
         self.dir.mkdir(parents=True, exist_ok=True)
         beat = asyncio.create_task(self._heartbeat_loop())  # beats while the dataset downloads, too
         try:
+            # Before anything is read or spawned: a job names only files under the data roots (paths.py).
+            self.model_path = paths.model_file(self.cmd.spec.model, self.settings.roots, os.getcwd())
             data = await self.datasets.resolve(self.cmd.spec.dataset, self.cmd.spec.task.value,
                                                lambda line: self.events.line(line, "runner"))
             pinned = self.cmd.spec.dataset_snapshot
@@ -156,7 +173,7 @@ class RunningJob:
         if self.cancel_reason is not None:  # cancelled while its dataset was resolved: never spawn it
             return Outcome(JobStatus.cancelled, ExitClass.cancelled, self.cancel_reason)
         (self.dir / "job.json").write_text(self.cmd.model_dump_json(indent=2))
-        env = self._env(data.data)
+        env = self._env(data)
         t0 = time.perf_counter()
         try:
             self.proc = await process.spawn(self.settings.trainer_cmd, env, str(self.dir))

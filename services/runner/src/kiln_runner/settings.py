@@ -6,9 +6,12 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from . import paths
 
 
 class Settings(BaseSettings):
@@ -30,6 +33,10 @@ class Settings(BaseSettings):
     log_flush_s: float = 0.1
     ack_wait_s: float = 60.0
     dataset_cache: Path | None = None  # default: <work_dir>/datasets
+    data_roots: Annotated[list[Path] | None, NoDecode] = Field(
+        None, description="Folders a job's local dataset and model files must lie in (symlinks resolved): a JSON "
+                          "list or comma-separated. Unset: the work folder; empty: none (s3:// datasets and the "
+                          "model YAMLs Ultralytics ships only).")
     s3_endpoint_url: str | None = None  # from the runner's configuration, never from a job
     s3_region: str = "us-east-1"
     s3_allowed_buckets: list[str] = Field(default_factory=list, description="Empty: any bucket the credentials reach.")
@@ -43,3 +50,13 @@ class Settings(BaseSettings):
     artifact_s3_endpoint: str | None = Field(None, description="KILN_ARTIFACT_S3_ENDPOINT (S3-compatible stores).")
     trainer_env: dict[str, str] = Field(default_factory=dict, description="Extra trainer environment, given "
                                         "explicitly (e.g. AWS_* credentials for artifact uploads).")
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, v: Any) -> Any:
+        return paths.parse_roots(v) if isinstance(v, str) else v
+
+    @property
+    def roots(self) -> tuple[str, ...]:
+        """The data roots with their symlinks resolved (resolved at each use: a root may be created later)."""
+        return paths.real_roots([self.work_dir] if self.data_roots is None else self.data_roots)

@@ -4,6 +4,9 @@ The snapshot hash is the SHA-256 of the dataset's manifest: (key, ETag, size) of
 size, mtime) of every file for a local folder.  An S3 snapshot is downloaded once into ``<cache>/<hash>`` through a
 ``.partial`` folder that is renamed only when complete, so a partial download is never used; concurrent jobs on one
 runner wait for the same download (and other runner processes on the host for a file lock).
+
+A local dataset must lie under the runner's data roots, and what its data YAML names too; a downloaded one may only
+name files in its own snapshot folder (:mod:`kiln_runner.paths`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .. import paths
 
 DATA_YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml")
 
@@ -63,8 +68,9 @@ def _data_entry(folder: Path, task: str, label: str) -> Path:
     raise DatasetError(f"dataset has no data.yaml: {label}")
 
 
-def resolve_local(dataset: str, task: str) -> Resolved:
+def resolve_local(dataset: str, task: str, roots: tuple[str, ...]) -> Resolved:
     path = Path(dataset).expanduser()
+    paths.check(str(path), roots, f"dataset {dataset}")  # before it is even looked at: no hint of what lies outside
     if not path.exists():
         raise DatasetError(f"dataset not found: {dataset}")
     if task == "classify" and not path.is_dir():
@@ -72,6 +78,7 @@ def resolve_local(dataset: str, task: str) -> Resolved:
     if path.is_file() and path.suffix not in (".yaml", ".yml"):
         raise DatasetError(f"dataset must be a data YAML or a folder holding data.yaml: {dataset}")
     data = _data_entry(path.resolve(), task, dataset) if path.is_dir() else path.resolve()
+    paths.check_dataset(str(data), roots)
     root = data if data.is_dir() else data.parent
     entries = _local_manifest(root)
     return Resolved(data=data, snapshot=manifest_hash(entries), files=len(entries), cached=False)
@@ -87,8 +94,9 @@ def parse_s3(uri: str) -> tuple[str, str]:
 
 class DatasetCache:
     def __init__(self, root: Path, s3_factory: Callable[[], Any] | None = None,
-                 allowed_buckets: list[str] | None = None) -> None:
+                 allowed_buckets: list[str] | None = None, data_roots: Callable[[], tuple[str, ...]] = tuple) -> None:
         self.root = root
+        self.data_roots = data_roots  # read at each job: a root may be created after the runner started
         self.s3_factory = s3_factory
         self.allowed = set(allowed_buckets or [])
         self._locks: dict[str, asyncio.Lock] = {}
@@ -96,7 +104,7 @@ class DatasetCache:
 
     async def resolve(self, uri: str, task: str, say: Callable[[str], None] = lambda _: None) -> Resolved:
         if not uri.startswith("s3://"):
-            return await asyncio.to_thread(resolve_local, uri, task)
+            return await asyncio.to_thread(resolve_local, uri, task, self.data_roots())
         bucket, prefix = parse_s3(uri)
         if self.allowed and bucket not in self.allowed:
             raise DatasetError(f"bucket {bucket!r} is not allowed on this runner (allowed: {sorted(self.allowed)})")
@@ -115,7 +123,9 @@ class DatasetCache:
                 await asyncio.to_thread(self._download, bucket, prefix, objects, final, uri)
                 self.downloads += 1
                 say(f"dataset {uri} downloaded into {final}")
-        return Resolved(data=_data_entry(final, task, uri), snapshot=snapshot, files=len(objects), cached=cached)
+        data = _data_entry(final, task, uri)
+        await asyncio.to_thread(paths.check_dataset, str(data), paths.real_roots([final]), paths.DOWNLOADED)
+        return Resolved(data=data, snapshot=snapshot, files=len(objects), cached=cached)
 
     def _list(self, bucket: str, prefix: str, uri: str) -> list[dict[str, Any]]:
         from botocore.exceptions import BotoCoreError, ClientError
