@@ -10,6 +10,9 @@ to a bucket, so Kiln hands Ultralytics a checked copy instead of the original:
 * ``train`` and ``val`` must name files or folders that exist, else the job fails with the split it lacks;
 * Ultralytics' own auto-download is switched off as well (:func:`forbid_downloads`), in case a later version
   finds another way to ask for one.
+
+Under a runner, before the copy is written, ``path:`` and every split (the folders, the images an image list names,
+the symlinks in them) must lie under the runner's data roots: :func:`kiln_trainer_ultralytics.paths.check_dataset`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from kiln_contracts import StartJob, Task
 from kiln_sdk import JobContext, Run
 
 from . import dataset as datasets
-from . import environment
+from . import environment, paths
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED = 0, 2, 3
 
@@ -78,9 +78,41 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def check_model(model: str) -> None:
-    if model.endswith(".pt") and not Path(model).is_file():
-        raise UserError(f"model not found: {model}")
+def data_roots() -> tuple[str, ...] | None:
+    """The data roots the runner enforces (``KILN_DATA_ROOTS``, a JSON list); ``None`` outside a runner."""
+    raw = os.environ.get(paths.ROOTS_ENV)
+    if raw is None:
+        return None
+    try:
+        return paths.real_roots(paths.parse_roots(raw))
+    except ValueError as exc:  # bad JSON included
+        raise UserError(f"{paths.ROOTS_ENV} is unreadable: {exc}") from exc
+
+
+def check_dataset(path: str, roots: tuple[str, ...] | None) -> None:
+    """Under a runner: nothing the dataset names lies outside its data roots (:mod:`.paths`)."""
+    if roots is not None:
+        try:
+            paths.check_dataset(path, roots)
+        except paths.PathRefused as exc:
+            raise UserError(str(exc)) from exc
+
+
+def model_to_load(spec: StartJob, resume: str | None, roots: tuple[str, ...] | None) -> str:
+    """The model (or resume checkpoint) to hand Ultralytics, refused before anything opens it.
+
+    Under a runner it must lie under the data roots (``KILN_MODEL``: the file the runner checked; the resume
+    checkpoint: the runner fetched it, its folder is among the roots it passes).
+    """
+    name = resume or os.environ.get("KILN_MODEL") or spec.spec.model
+    if roots is None:
+        if name.endswith(".pt") and not Path(name).is_file():
+            raise UserError(f"model not found: {name}")
+        return name
+    try:
+        return paths.model_file(name, roots, os.getcwd()) or name
+    except paths.PathRefused as exc:
+        raise UserError(str(exc)) from exc
 
 
 def resolve_device(requested: str | None) -> str | None:
@@ -118,10 +150,9 @@ def _user_error_from(exc: BaseException, dataset: str) -> UserError | None:
     return None
 
 
-def build_model(spec: StartJob, resume: str | None) -> Any:
+def build_model(spec: StartJob, name: str) -> Any:
     from ultralytics import YOLO
 
-    name = resume or spec.spec.model
     try:
         model = YOLO(name)
     except FileNotFoundError as exc:
@@ -133,16 +164,19 @@ def build_model(spec: StartJob, resume: str | None) -> Any:
 
 def train(run: Run, ctx: JobContext, spec: StartJob) -> int:
     """Train; returns the exit code (raises :class:`UserError` for user errors, anything else is a failure)."""
-    dataset = checked_dataset(ctx, resolve_dataset(ctx, spec))
+    roots = data_roots()
+    source = resolve_dataset(ctx, spec)
+    check_dataset(source, roots)
+    dataset = checked_dataset(ctx, source)
     resume = ctx.resume or spec.resume_from
-    check_model(resume or spec.spec.model)
+    model_name = model_to_load(spec, resume, roots)
     environment.prepare(ctx.job_dir.resolve())
     from kiln_sdk.integrations.ultralytics import add_kiln_callbacks
 
     environment.switch_off_integrations()
     datasets.forbid_downloads()
     print("kiln: versions " + " ".join(f"{k}={v}" for k, v in environment.versions().items()), flush=True)
-    model = add_kiln_callbacks(build_model(spec, resume))
+    model = add_kiln_callbacks(build_model(spec, model_name))
     args = train_args(ctx, spec, dataset, resolve_device(spec.spec.train.device), resume)
     try:
         model.train(**args)
