@@ -271,7 +271,7 @@ def test_users_of_another_project_see_nothing_of_its_jobs(browser, stack, owner)
     spec = {"model": "yolov8n.yaml", "dataset": "shapes", "train": SHORT_TRAIN, "start": False}
     theirs = owner.post("/api/v1/jobs", json={**spec, "name": "not yours"}).json()["id"]
     _, member_key = make_user(owner, "vera", project="vision", role="member")
-    _, viewer_key = make_user(owner, "walt", project="vision", role="viewer")
+    viewer, viewer_key = make_user(owner, "walt", project="vision", role="viewer")
     ours = owner.post("/api/v1/jobs", json={**spec, "name": "vision job", "project": "vision"}).json()["id"]
     # The API's own answer: no ticket for another project's job.
     assert httpx.post(f"{api}/api/v1/ws-tickets", json={"jobs": [theirs]}, headers=bearer(member_key)).status_code == 404
@@ -314,6 +314,15 @@ def test_users_of_another_project_see_nothing_of_its_jobs(browser, stack, owner)
     assert "You cannot create jobs" in page.locator(".cannot").inner_text()
     assert "viewer in vision" in page.locator(".cannot").inner_text()
     assert page.locator("form.job-form").count() == 0
+
+    # The key the session stands on is revoked: the page's next call is refused, and it asks to sign in again.
+    [key] = owner.get(f"/api/v1/users/{viewer}/keys").json()
+    assert owner.delete(f"/api/v1/users/{viewer}/keys/{key['id']}").status_code == 204
+    page.goto(f"{api}/#/jobs")
+    page.wait_for_selector("#api-key")
+    assert page.locator(".signin .notice").inner_text() == (
+        "Your session ended: the API key this session signed in with is no longer valid: sign in again")
+    assert page.locator("nav.main").is_hidden() and page.locator(f"tr[data-job-id='{ours}']").count() == 0
     assert page.errors == []
     page.context.close()
 
