@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlencode, urlparse
 
 import httpx
-import jwt
 import pytest
 from test_web import CHROMIUM, LAUNCH_ARGS, SHORT_TRAIN, bearer, make_dataset, short_job, sync_playwright  # noqa: F401
 
 from kiln_local.stack import Stack, StackConfig, free_port
 from kiln_testing.api import make_user
+from kiln_testing.oidc import IdentityProvider
 
 pytestmark = pytest.mark.e2e
 RECHECK_S = 10
@@ -33,76 +29,11 @@ TICKETS = re.compile(r"/api/v1/ws-tickets$")
 CLIENT_ID = "kiln-page"
 
 
-class IdentityProvider:
-    """A minimal OpenID provider on loopback: it approves every authorization request as ``subject`` at once.
-
-    The API's own tests check PKCE, state and nonce against a stricter one; this one serves the browser's round trip.
-    """
-
-    def __init__(self) -> None:
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.subject, self.codes = "ada@example", {}
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def id_token(self, nonce: str) -> str:
-        now = int(time.time())
-        claims = {"iss": self.issuer, "aud": CLIENT_ID, "sub": self.subject, "iat": now, "exp": now + 300,
-                  "nonce": nonce}
-        return jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": "k1"})
-
-    def _handler(self):
-        idp = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _send(self, status: int, body: dict | None = None, location: str | None = None) -> None:
-                data = json.dumps(body).encode() if body is not None else b""
-                self.send_response(status)
-                if location:
-                    self.send_header("Location", location)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):  # noqa: N802
-                url = urlparse(self.path)
-                q = {k: v[0] for k, v in parse_qs(url.query).items()}
-                if url.path == "/.well-known/openid-configuration":
-                    self._send(200, {"issuer": idp.issuer, "authorization_endpoint": f"{idp.issuer}/authorize",
-                                     "token_endpoint": f"{idp.issuer}/token", "jwks_uri": f"{idp.issuer}/jwks"})
-                elif url.path == "/jwks":
-                    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(idp.key.public_key()))
-                    self._send(200, {"keys": [jwk | {"kid": "k1", "use": "sig", "alg": "RS256"}]})
-                elif url.path == "/authorize":
-                    code = f"code-{len(idp.codes)}"
-                    idp.codes[code] = q["nonce"]
-                    self._send(302, location=q["redirect_uri"] + "?" + urlencode({"code": code, "state": q["state"]}))
-                else:
-                    self._send(404, {})
-
-            def do_POST(self):  # noqa: N802
-                form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
-                nonce = idp.codes.pop(form.get("code", [""])[0], None)
-                if nonce is None:
-                    self._send(400, {"error": "invalid_grant"})
-                else:
-                    self._send(200, {"id_token": idp.id_token(nonce), "token_type": "Bearer", "access_token": "x"})
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
-
-
 @pytest.fixture(scope="module")
 def idp():
     provider = IdentityProvider()
     yield provider
-    provider.server.shutdown()
+    provider.close()
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from kiln_api.settings import Settings
 from kiln_contracts import AuditRecorded, streams, tickets
 from kiln_store import make_engine
 from kiln_testing.api import OWNER_KEY, TICKET_PUBLIC, api_client, bearer, make_user
+from kiln_testing.oidc import IdentityProvider
 
 SPEC = {"model": "yolov8n.yaml", "dataset": "/data/shapes", "train": {"epochs": 1, "imgsz": 64}}
 
@@ -184,6 +185,10 @@ def test_tickets_are_short_lived_signed_and_scoped(owner):
     assert t.jobs == {job["id"]: "vision"} and t.projects == ["vision"] and t.exp - t.iat <= 60
     assert t.key.startswith("kiln_") and key not in answer.json()["ticket"]
     assert answer.json()["renew_within_s"] == 300
+    refused = owner.post("/api/v1/ws-tickets", json={"jobs": [job["id"], "nope"], "projects": ["vision", "other"]},
+                         headers=bearer(key))
+    assert refused.status_code == 404 and refused.json()["not_found"] == ["job:nope", "project:other"]
+    assert refused.json()["detail"] == "not found: job 'nope', project 'other'"
     bad = owner.post("/api/v1/ws-tickets", json={"jobs": ["../etc"]}, headers=bearer(key))
     assert bad.status_code == 422
 
@@ -282,70 +287,8 @@ def test_a_new_key_has_at_least_128_random_bits():
     assert len(secrets_part) == 200 and all(len(s) == 43 for s in secrets_part)  # 32 bytes = 256 bits
 
 
-class FakeIdP:
-    """An OpenID provider on a loopback port: discovery, authorize (approves at once), token (checks PKCE), JWKS."""
-
-    def __init__(self, subject: str = "ada@example") -> None:
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.subject, self.codes = subject, {}
-        idp = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _json(self, body: dict, status: int = 200) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):  # noqa: N802
-                from urllib.parse import parse_qs, urlencode, urlparse
-
-                url = urlparse(self.path)
-                q = {k: v[0] for k, v in parse_qs(url.query).items()}
-                if url.path == "/.well-known/openid-configuration":
-                    self._json({"issuer": idp.issuer, "authorization_endpoint": f"{idp.issuer}/authorize",
-                                "token_endpoint": f"{idp.issuer}/token", "jwks_uri": f"{idp.issuer}/jwks"})
-                elif url.path == "/jwks":
-                    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(idp.key.public_key()))
-                    self._json({"keys": [jwk | {"kid": "k1", "use": "sig", "alg": "RS256"}]})
-                elif url.path == "/authorize":
-                    code = f"code-{len(idp.codes)}"
-                    idp.codes[code] = q
-                    self.send_response(302)
-                    self.send_header("Location", q["redirect_uri"] + "?" + urlencode({"code": code, "state": q["state"]}))
-                    self.end_headers()
-
-            def do_POST(self):  # noqa: N802
-                import base64
-                import hashlib
-                from urllib.parse import parse_qs
-
-                form = {k: v[0] for k, v in parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode()).items()}
-                asked = idp.codes.pop(form.get("code", ""), None)
-                challenge = base64.urlsafe_b64encode(hashlib.sha256(form.get("code_verifier", "").encode()).digest())
-                if asked is None or challenge.rstrip(b"=").decode() != asked["code_challenge"]:
-                    self._json({"error": "invalid_grant"}, 400)
-                    return
-                now = int(time.time())
-                claims = {"iss": idp.issuer, "aud": asked["client_id"], "sub": idp.subject, "iat": now,
-                          "exp": now + 300, "nonce": asked["nonce"]}
-                self._json({"id_token": jwt.encode(claims, idp.key, algorithm="RS256", headers={"kid": "k1"}),
-                            "token_type": "Bearer", "access_token": "opaque"})
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def test_page_sign_in_through_oidc(nats_server, tmp_path):
-    idp = FakeIdP()
+    idp = IdentityProvider()
     try:
         with api_client(tmp_path, nats_url=nats_server.url, oidc_issuer=idp.issuer, oidc_client_id="kiln-page",
                         cookie_secure=False) as c:
@@ -382,4 +325,4 @@ def test_page_sign_in_through_oidc(nats_server, tmp_path):
             assert "no%20active%20Kiln%20user" in stranger.headers["location"]
             assert c.get("/api/v1/me", headers={"Authorization": ""}).status_code == 401
     finally:
-        idp.server.shutdown()
+        idp.close()

@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Request, Response
-from fastapi.responses import RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy import select
 
 from kiln_contracts import AuditAction, tickets
@@ -123,16 +123,27 @@ async def sign_out(caller: CallerDep, conn: ConnDep, bus: BusDep, settings: Sett
     return response
 
 
-@router.post("/ws-tickets", response_model=TicketOut, **access("user"))
-async def ws_ticket(body: TicketRequest, request: Request, caller: CallerDep, conn: ConnDep) -> dict[str, Any]:
+NOT_FOUND = {"description": "A named job or project does not exist or is not yours; `not_found` lists them all "
+                           "(job:<id>, project:<id>).",
+             "content": {"application/json": {"example": {"detail": "not found: job 'j-9'", "not_found": ["job:j-9"]}}}}
+
+
+@router.post("/ws-tickets", response_model=TicketOut, responses={404: NOT_FOUND}, **access("user"))
+async def ws_ticket(body: TicketRequest, request: Request, caller: CallerDep, conn: ConnDep) -> Any:
     """A ticket for the notifier naming the jobs and projects one WebSocket will watch (valid 60 s).
 
-    Every job and project must be readable by you: one that is not (or does not exist) answers 404.
+    Every job and project must be readable by you: any that is not (or does not exist) answers 404, all of them
+    listed in ``not_found``. ``renew_within_s`` is the longest a socket may go without a renewal; a notifier can be
+    set stricter, and its ``authorized``/``renewed`` messages give the deadline that applies.
     """
     private = request.app.state.ticket_key
     if private is None:
         raise HTTPException(503, "WebSocket tickets are not configured on this API (ticket_private_key_file)")
-    scope = await _scope(conn, caller, body)
+    scope, missing = await _scope(conn, caller, body)
+    if missing:
+        return JSONResponse(status_code=404, content={
+            "detail": "not found: " + ", ".join(f"{m.split(':', 1)[0]} {m.split(':', 1)[1]!r}" for m in missing),
+            "not_found": missing})
     now = datetime.now(timezone.utc)
     ticket = tickets.issue(tickets.Ticket(sub=caller.user_id, key=caller.credential, projects=body.projects,
                                           jobs=scope), private, now=now.timestamp())
@@ -140,16 +151,14 @@ async def ws_ticket(body: TicketRequest, request: Request, caller: CallerDep, co
             "renew_within_s": tickets.SOCKET_RECHECK_S}
 
 
-async def _scope(conn: ConnDep, caller: Caller, body: TicketRequest) -> dict[str, str]:
-    """Job id -> project for the requested jobs, after checking the caller may read each job and project."""
+async def _scope(conn: ConnDep, caller: Caller, body: TicketRequest) -> tuple[dict[str, str], list[str]]:
+    """Job id -> project of the requested jobs the caller may read, and every requested item they may not."""
     found: dict[str, str] = {}
     if body.jobs:
         rows = await conn.execute(select(jobs.c.id, jobs.c.project).where(jobs.c.id.in_(body.jobs)))
         found = {j: p for j, p in rows.all() if caller.role_in(p) is not None}
-    missing = [j for j in body.jobs if j not in found]
-    if missing:
-        raise HTTPException(404, f"job {missing[0]!r} not found")
+    missing = [f"job:{j}" for j in body.jobs if j not in found]
     for project in body.projects:
         if caller.role_in(project) is None or await accounts_repo.get_project(conn, project) is None:
-            raise HTTPException(404, f"project {project!r} not found")
-    return found
+            missing.append(f"project:{project}")
+    return found, missing
