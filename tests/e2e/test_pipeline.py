@@ -186,11 +186,12 @@ def assert_no_secret_anywhere(stack: Stack, secrets: list[str]) -> None:
         assert not leaks, f"a key appears in {leaks}"
 
 
-def test_missing_dataset_fails_with_the_reason(api):
-    r = api.post("/api/v1/jobs", json={"model": "yolov8n.yaml", "dataset": "/no/such/dataset", "start": True,
+def test_missing_dataset_fails_with_the_reason(api, dataset):
+    missing = dataset.parent / "no-such-dataset"  # under the runner's data roots: outside them is refused first
+    r = api.post("/api/v1/jobs", json={"model": "yolov8n.yaml", "dataset": str(missing), "start": True,
                                        "train": TRAIN})
     assert r.status_code == 201, r.text
     job = wait_status(api, r.json()["id"], {"failed", "completed"}, timeout=60)
     assert job["status"] == "failed"
-    assert "dataset not found: /no/such/dataset" in job["reason"]
+    assert f"dataset not found: {missing}" in job["reason"]
     assert job["exit_class"] == "user_error"

@@ -97,4 +97,4 @@ def test_attempt_follows_hand_backs_and_retries_and_a_cancel_ends_the_current_at
 
     # cancelling the queued attempt 3 ends attempt 3 (an end recorded for attempt 1 would be ignored: stuck queued)
     assert client.post(f"/api/v1/jobs/{jid}/cancel").status_code == 202
-    assert _agrees(client, _settled(client, jid, 7)) == ("cancelled", 3, "cancelled by user")
+    assert _agrees(client, _settled(client, jid, 7)) == ("cancelled", 3, "cancelled by owner")  # who cancelled

@@ -156,7 +156,7 @@ def test_stop_ends_every_service_at_once_then_nats_and_leaves_nothing(tmp_path):
     dataset.mkdir()
     (dataset / "data.yaml").write_text("path: .\ntrain: images\nval: images\nnames: {0: a}\n")
     env = {"KILN_RUNNER_TRAINER_CMD": json.dumps([sys.executable, FAKE_TRAINER]), "FAKE_LOG": str(tmp_path / "fake"),
-           "KILN_RUNNER_SHUTDOWN_GRACE_S": str(DRAIN_S)}
+           "KILN_RUNNER_SHUTDOWN_GRACE_S": str(DRAIN_S), "KILN_RUNNER_DATA_ROOTS": str(tmp_path)}
     stack = Stack(stack_config(tmp_path / "kiln", runners=2, extra_env=env)).start()
     try:
         auth = {"Authorization": f"Bearer {stack.owner_key()}"}

@@ -89,8 +89,9 @@ async def test_an_invalid_start_command_shows_failed_with_its_reason_through_the
     cfg = StackConfig(data_dir=tmp_path / "kiln", api_port=free_port(), notifier_port=free_port(),
                       nats_port=free_port())
     with Stack(cfg) as stack:
-        api = stack.api_url
-        r = httpx.post(f"{api}/api/v1/jobs", json={"model": "yolov8n.yaml", "dataset": dataset}, timeout=10)
+        api, auth = stack.api_url, {"Authorization": f"Bearer {stack.owner_key()}"}
+        r = httpx.post(f"{api}/api/v1/jobs", json={"model": "yolov8n.yaml", "dataset": dataset}, timeout=10,
+                       headers=auth)
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
         nc = await nats.connect(stack.nats_url)
@@ -100,7 +101,7 @@ async def test_an_invalid_start_command_shows_failed_with_its_reason_through_the
         finally:
             await nc.close()
         deadline = time.monotonic() + 30
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=auth) as client:
             while time.monotonic() < deadline:
                 job = (await client.get(f"{api}/api/v1/jobs/{job_id}", timeout=10)).json()
                 if job["status"] != "created":

@@ -20,7 +20,7 @@ from kiln_contracts import (
     Event, ExitClass, Heartbeat, JobFinished, JobStatus, JobStatusChanged, StartJob, utcnow,
 )
 
-from . import paths
+from kiln_contracts import data_roots as paths
 from .adapters import process
 from .adapters.checkpoints import CheckpointError, CheckpointFetcher, read_record, resume_fields
 from .adapters.datasets import DatasetCache, DatasetError, Resolved

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from . import paths
+from kiln_contracts import data_roots as paths
 
 
 class Settings(BaseSettings):

@@ -12,7 +12,7 @@ to a bucket, so Kiln hands Ultralytics a checked copy instead of the original:
   finds another way to ask for one.
 
 Under a runner, before the copy is written, ``path:`` and every split (the folders, the images an image list names,
-the symlinks in them) must lie under the runner's data roots: :func:`kiln_trainer_ultralytics.paths.check_dataset`.
+the symlinks in them) must lie under the runner's data roots: :func:`kiln_contracts.data_roots.check_dataset`.
 """
 
 from __future__ import annotations

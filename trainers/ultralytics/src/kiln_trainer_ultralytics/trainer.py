@@ -15,7 +15,9 @@ from kiln_contracts import StartJob, Task
 from kiln_sdk import JobContext, Run
 
 from . import dataset as datasets
-from . import environment, paths
+from kiln_contracts import data_roots as paths
+
+from . import environment
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_CANCELLED = 0, 2, 3
 
@@ -90,7 +92,7 @@ def data_roots() -> tuple[str, ...] | None:
 
 
 def check_dataset(path: str, roots: tuple[str, ...] | None) -> None:
-    """Under a runner: nothing the dataset names lies outside its data roots (:mod:`.paths`)."""
+    """Under a runner: nothing the dataset names lies outside its data roots (:mod:`kiln_contracts.data_roots`)."""
     if roots is not None:
         try:
             paths.check_dataset(path, roots)

@@ -6,7 +6,7 @@ size, mtime) of every file for a local folder.  An S3 snapshot is downloaded onc
 runner wait for the same download (and other runner processes on the host for a file lock).
 
 A local dataset must lie under the runner's data roots, and what its data YAML names too; a downloaded one may only
-name files in its own snapshot folder (:mod:`kiln_runner.paths`).
+name files in its own snapshot folder (:mod:`kiln_contracts.data_roots`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .. import paths
+from kiln_contracts import data_roots as paths
 
 DATA_YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml")
 

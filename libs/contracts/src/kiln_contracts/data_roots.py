@@ -12,9 +12,8 @@ gets them as ``KILN_DATA_ROOTS``). Checked:
   relative path is taken from the runner's working folder, as a relative dataset is; a bare ``yolov8n.pt`` is
   refused unless it is there and under a root: Ultralytics would try to download it.
 
-The runner refuses before it spawns anything, the trainer again before Ultralytics opens anything. This module is
-the same, byte for byte, as ``kiln_runner.paths`` and ``kiln_trainer_ultralytics.paths`` (a unit test compares the
-two): it belongs in a lib both depend on.
+The runner refuses before it spawns anything, the trainer again before Ultralytics opens anything: both use this
+one module.
 """
 
 from __future__ import annotations

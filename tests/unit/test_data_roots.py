@@ -1,5 +1,5 @@
-"""The data-roots rule (kiln_runner.paths, and its copy in the trainer) on real folders and symlinks; the runner's
-roots setting; the trainer's environment, whose names no job string can choose."""
+"""The data-roots rule (kiln_contracts.data_roots, used by the runner and the trainer) on real folders and symlinks;
+the runner's roots setting; the trainer's environment, whose names no job string can choose."""
 
 import doctest
 import json
@@ -8,25 +8,21 @@ from pathlib import Path
 
 import pytest
 
-import kiln_runner.paths
-import kiln_trainer_ultralytics.paths
 from kiln_contracts import StartJob
+from kiln_contracts import data_roots
 from kiln_runner.adapters.datasets import Resolved, resolve_local
 from kiln_runner.jobs import RunningJob
 from kiln_runner.settings import Settings
 
-COPIES = [kiln_runner.paths, kiln_trainer_ultralytics.paths]
 
 
-def test_the_runner_and_the_trainer_apply_the_same_rule():
-    runner, trainer = (Path(m.__file__).read_bytes() for m in COPIES)
-    assert runner == trainer, "kiln_runner/paths.py and kiln_trainer_ultralytics/paths.py must stay identical"
-    assert doctest.testmod(kiln_runner.paths).failed == 0
+def test_docstring_examples():
+    assert doctest.testmod(data_roots).failed == 0
 
 
-@pytest.fixture(params=COPIES, ids=["runner", "trainer"])
-def rule(request):
-    return request.param
+@pytest.fixture()
+def rule():
+    return data_roots
 
 
 @pytest.fixture()
@@ -40,7 +36,7 @@ def world(tmp_path):
         (base / "ds" / "labels" / "train" / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n")
         (base / "ds" / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/train\nnames: {0: a}\n")
         (base / "w.pt").write_bytes(b"weights")
-    return root, out, kiln_runner.paths.real_roots([root])
+    return root, out, data_roots.real_roots([root])
 
 
 def refused(fn, *args) -> str:
@@ -134,7 +130,7 @@ def test_no_roots_means_no_local_files(rule, world):
 
 def test_the_runner_refuses_before_it_looks(world):
     root, out, roots = world
-    with pytest.raises(kiln_runner.paths.PathRefused, match="outside the runner's data roots"):
+    with pytest.raises(data_roots.PathRefused, match="outside the runner's data roots"):
         resolve_local(str(out / "nope"), "detect", roots)  # not "dataset not found": nothing is told about outside
     assert resolve_local(str(root / "ds"), "detect", roots).data == root / "ds" / "data.yaml"
 
