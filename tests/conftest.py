@@ -106,6 +106,22 @@ def s3():
 
 
 @pytest.fixture()
+async def bus(nats_server):
+    """A connection to the private nats-server with Kiln's streams, and a log of every event published on it."""
+    import nats
+
+    from kiln_contracts import streams
+    from kiln_testing.runners import EventLog
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await streams.ensure_streams(js)
+    log = await EventLog().start(js)
+    yield nc, js, log
+    await nc.close()
+
+
+@pytest.fixture()
 def runners(nats_server, tmp_path):
     """Starts real runner processes (stand-in trainer unless told otherwise); all are killed at the end."""
     from kiln_testing.runners import RunnerProc

@@ -4,21 +4,10 @@ import asyncio
 import signal
 import time
 
-import nats
 import pytest
 
 from kiln_contracts import JobStatus, streams
-from kiln_testing.runners import EventLog, pid_alive, publish_start, read_fake_log, spec
-
-
-@pytest.fixture()
-async def bus(nats_server):
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await streams.ensure_streams(js)
-    log = await EventLog().start(js)
-    yield nc, js, log
-    await nc.close()
+from kiln_testing.runners import pid_alive, publish_start, read_fake_log, spec
 
 
 @pytest.fixture()

@@ -19,16 +19,6 @@ from kiln_testing.runners import FAKE_TRAINER, EventLog, RunnerProc, publish_sta
 
 
 @pytest.fixture()
-async def bus(nats_server):
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await streams.ensure_streams(js)
-    log = await EventLog().start(js)
-    yield nc, js, log
-    await nc.close()
-
-
-@pytest.fixture()
 def dataset(tmp_path):
     d = tmp_path / "ds"
     d.mkdir()

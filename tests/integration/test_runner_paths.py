@@ -34,16 +34,6 @@ def shown_env(fake_log: Path) -> dict[str, dict]:
 
 
 @pytest.fixture()
-async def bus(nats_server):
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await streams.ensure_streams(js)
-    log = await EventLog().start(js)
-    yield nc, js, log
-    await nc.close()
-
-
-@pytest.fixture()
 def world(tmp_path):
     """``root``: the runner's only data root, with a dataset; ``out``: beside it, with another."""
     root, out = tmp_path / "root", tmp_path / "out"

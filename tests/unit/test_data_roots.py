@@ -4,7 +4,6 @@ the runner's roots setting; the trainer's environment, whose names no job string
 import doctest
 import json
 import os
-from pathlib import Path
 
 import pytest
 

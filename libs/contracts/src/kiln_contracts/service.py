@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,21 @@ from nats.aio.msg import Msg
 from . import subjects
 
 log = logging.getLogger("kiln.dlq")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a service told to listen on ``host`` is reachable from this machine only.
+
+    Example:
+        >>> [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "kiln.example")]
+        [True, True, True, False, False]
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 REASON_HEADER = "Kiln-Reason"
 STREAM_SEQ_HEADER = "Kiln-Stream-Seq"

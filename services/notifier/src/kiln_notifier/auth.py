@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import time
@@ -70,21 +69,6 @@ def load_public_key(path: Path) -> bytes:
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{path} is not an Ed25519 public key (tickets are signed with EdDSA)")
     return pem
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only listens on this machine.
-
-    Example:
-        >>> [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "kiln.example")]
-        [True, True, True, False, False]
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def offered_ticket(subprotocols: Sequence[str]) -> str | None:

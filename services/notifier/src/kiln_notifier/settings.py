@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from kiln_contracts.service import is_loopback
 from kiln_contracts.tickets import SOCKET_RECHECK_S
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .auth import is_loopback, load_public_key
+from .auth import load_public_key
 
 
 class NotifierSettings(BaseSettings):
