@@ -168,7 +168,7 @@ def assert_no_secret_anywhere(stack: Stack, secrets: list[str]) -> None:
         for name in ("KILN_EVENTS", "KILN_LOGS", "KILN_AUDIT", "KILN_JOBS", "KILN_DLQ"):
             info = await js.stream_info(name)
             data = []
-            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            for seq in range(max(1, info.state.first_seq), info.state.last_seq + 1 if info.state.messages else 1):
                 try:
                     msg = await js.get_msg(name, seq)
                 except nats.js.errors.NotFoundError:
