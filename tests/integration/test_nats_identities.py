@@ -12,7 +12,6 @@ import asyncio
 import json
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -76,7 +76,7 @@ def pattern(builder: Callable[..., str], *values: str) -> str:
     """
     marks = [f"__kiln_{i}__" for i in range(len(values))]
     out = builder(*marks)
-    for mark, value in zip(marks, values):
+    for mark, value in zip(marks, values, strict=True):
         out = out.replace(mark, value)
     return out
 
@@ -198,7 +198,8 @@ def markdown_table(pools: tuple[str, ...] = ("default",)) -> str:
         rows.append(f"| {r.name} | {r.purpose} | `{r.inbox}` | {_cell(r.pub_allow)} | {_cell(r.pub_deny)} "
                     f"| {_cell(r.sub_allow)} |")
     for s in SCOPES:
-        rows.append(f"| {s.role} (scoped key; tags {', '.join(s.tags)}) | {s.purpose} | `{jsapi.inbox_prefix(USER_KEY)}` "
+        inbox = jsapi.inbox_prefix(USER_KEY)
+        rows.append(f"| {s.role} (scoped key; tags {', '.join(s.tags)}) | {s.purpose} | `{inbox}` "
                     f"| {_cell(s.pub_allow)} | — | {_cell(s.sub_allow)} |")
     return "\n".join(rows) + "\n"
 
