@@ -109,6 +109,18 @@ def test_secrets_are_mode_0600_and_setup_is_repeatable(chain: trust.TrustChain) 
     assert load_trust(chain.root).state["operator"] == chain.state["operator"]
 
 
+def test_setup_remints_creds_whose_rights_changed_and_reissues_a_changed_account(chain: trust.TrustChain) -> None:
+    before = dict(chain.state["roles"]["notifier"])
+    chain.state["roles"]["notifier"]["rights"] = "older"  # as if the code gave the role other rights since
+    chain.state["account_digest"] = "older"
+    iat = chain.state["account_iat"]
+    chain.save()
+    again = setup_trust(chain.root, ("gpu",))
+    assert again.state["roles"]["notifier"]["user"] != before["user"]
+    assert again.state["roles"]["api"] == chain.state["roles"]["api"]
+    assert nj.decode(again.account_jwt())["iat"] > iat
+
+
 def test_service_creds_carry_the_role_permissions(chain: trust.TrustChain) -> None:
     token, _ = nj.parse_creds(chain.creds_path("metrics-writer").read_text())
     claims = nj.verify(token)

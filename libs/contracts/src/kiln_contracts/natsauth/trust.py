@@ -15,6 +15,7 @@ The KILN account's own key signs nothing (users are signed by its signing keys) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -30,6 +31,11 @@ ACCOUNT_NAME, SYSTEM_NAME, OPERATOR_NAME = "KILN", "SYS", "kiln"
 SERVICES_KEY = "services"
 SYS_ROLE = "sys"
 _SEEDS = ("operator", "operator-signing", "system", SERVICES_KEY, *(s.role for s in SCOPES))
+
+
+def digest(obj: Any) -> str:
+    """A short fingerprint of a JSON-able value (what was last minted or signed, kept in trust.json)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_secret(path: Path, text: str) -> Path:
@@ -86,20 +92,25 @@ class TrustChain:
         claims = nj.account_claims(self.system_account, SYSTEM_NAME)
         return nj.encode(claims, self.key("operator-signing"), iat=int(self.state["created"]))
 
+    def _account_claims(self) -> dict[str, Any]:
+        keys = self.state["signing_keys"]
+        signing: list[str | dict[str, Any]] = [keys[SERVICES_KEY], *(scope_entry(s, keys[s.role]) for s in SCOPES)]
+        revoked = {pub: int(r["at"]) for pub, r in self.state["revocations"].items()}
+        return nj.account_claims(self.account, ACCOUNT_NAME, jetstream=nj.jetstream_limits(),
+                                 signing_keys=signing, revocations=revoked)
+
     def account_jwt(self, *, reissue: bool = False) -> str:
         """The KILN account JWT: JetStream on, the signing keys (scoped ones with their templates), revocations.
 
         ``reissue`` gives it a new, strictly later issue time (saved): a dir resolver keeps the newest JWT it was
         given, so a pushed update must be later than the last one, and later than the one in ``resolver_preload``.
+        A change of its content (a template changed in the code) also reissues it.
         """
-        if reissue:
+        claims = self._account_claims()
+        if reissue or self.state.get("account_digest") != digest(claims):
             self.state["account_iat"] = max(int(time.time()), int(self.state["account_iat"]) + 1)
+            self.state["account_digest"] = digest(claims)
             self.save()
-        keys = self.state["signing_keys"]
-        signing: list[str | dict[str, Any]] = [keys[SERVICES_KEY], *(scope_entry(s, keys[s.role]) for s in SCOPES)]
-        revoked = {pub: int(r["at"]) for pub, r in self.state["revocations"].items()}
-        claims = nj.account_claims(self.account, ACCOUNT_NAME, jetstream=nj.jetstream_limits(),
-                                   signing_keys=signing, revocations=revoked)
         return nj.encode(claims, self.key("operator-signing"), iat=int(self.state["account_iat"]))
 
     def service_creds(self, role: Role, expires_at: int | None = None) -> Path:
@@ -109,7 +120,16 @@ class TrustChain:
         claims = nj.user_claims(user.public_key, role.name, issuer_account=self.account, permissions=perms,
                                 expires_at=expires_at)
         token = nj.encode(claims, self.key(SERVICES_KEY))
-        return write_secret(self.creds_path(role.name), nj.creds_text(token, user))
+        path = write_secret(self.creds_path(role.name), nj.creds_text(token, user))
+        self.state.setdefault("roles", {})[role.name] = {"user": user.public_key, "rights": digest(perms)}
+        self.save()
+        return path
+
+    def creds_current(self, role: Role) -> bool:
+        """Whether ``role``'s creds file exists and was minted with the rights the code gives the role now."""
+        perms = nj.permission_block(role.pub_allow, role.sub_allow, pub_deny=role.pub_deny)
+        minted = self.state.get("roles", {}).get(role.name, {})
+        return self.creds_path(role.name).exists() and minted.get("rights") == digest(perms)
 
     def sys_creds(self) -> Path:
         """The system-account user that pushes account JWTs ($SYS.REQ.CLAIMS.UPDATE) and nothing else."""
@@ -128,7 +148,8 @@ def load_trust(root: Path) -> TrustChain:
 
 def setup_trust(root: Path, pools: tuple[str, ...] = ("default",)) -> TrustChain:
     """Make the trust chain in ``root``, or load the one there; either way every service role of ``pools`` has
-    its creds file afterwards (a new pool gets one; existing files are kept).  Returns the chain."""
+    creds with its current rights afterwards (a new pool, or a role whose rights changed in the code, gets new
+    creds; the others are kept; the old user of a re-minted role stays valid until revoked).  Returns the chain."""
     root = Path(root)
     if (root / "trust.json").exists():
         chain = load_trust(root)
@@ -153,6 +174,6 @@ def setup_trust(root: Path, pools: tuple[str, ...] = ("default",)) -> TrustChain
         chain.operator_jwt_path.write_text(nj.encode(op, keys["operator"], iat=now) + "\n")
         chain.sys_creds()
     for role in service_roles(pools):
-        if not chain.creds_path(role.name).exists():
+        if not chain.creds_current(role):
             chain.service_creds(role)
     return chain
