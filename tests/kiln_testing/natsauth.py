@@ -116,7 +116,8 @@ class Client:
     def __init__(self, label: str) -> None:
         self.label = label
         self.errors: list[str] = []
-        self.closed_at: float | None = None
+        self.closed_at: float | None = None  # time.monotonic()
+        self.closed_wall: float | None = None  # time.time(), to compare with a JWT's exp
         self.nc: nats.NATS = nats.NATS()
 
     async def connect(self, url: str, creds: str, inbox_prefix: str, **options: Any) -> Client:
@@ -124,7 +125,7 @@ class Client:
             self.errors.append(str(exc))
 
         async def on_closed() -> None:
-            self.closed_at = time.monotonic()
+            self.closed_at, self.closed_wall = time.monotonic(), time.time()
 
         user = RawCredentials(creds) if creds.startswith("-----") else creds
         await self.nc.connect(url, user_credentials=user, inbox_prefix=inbox_prefix, error_cb=on_error,
