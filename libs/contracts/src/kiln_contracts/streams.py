@@ -70,7 +70,18 @@ checkpoint: uri, sha256, epoch), rewritten at every heartbeat with compare-and-s
 ends.  The reaper treats a key whose revision stops moving as lost, and deletes it before it acts (fencing)."""
 LEASES_BUCKET = "kiln_leases"
 """KV bucket: leader leases (key ``reaper``), taken and renewed with compare-and-set."""
+CLEARML_TASKS_BUCKET = "kiln_clearml_tasks"
+"""KV bucket of the ClearML forwarder: job id -> ClearML task id."""
 BUCKETS = ((CLAIMS_BUCKET, 30 * DAY), (RUNNING_BUCKET, 0.0), (LEASES_BUCKET, 0.0))
+
+
+def cancel_key(job_id: str) -> str:
+    """Key of a job's cancel mark in :data:`CLAIMS_BUCKET` (its value: why it was cancelled); ``*``: every job's.
+
+    >>> cancel_key("j-1"), cancel_key("*")
+    ('j-1.cancel', '*.cancel')
+    """
+    return f"{job_id if job_id == '*' else subjects.token(job_id)}.cancel"
 
 
 def runner_consumer(pool: str, max_ack_pending: int = 1, ack_wait: float = 60.0) -> api.ConsumerConfig:

@@ -5,6 +5,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kiln_contracts import streams
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_CLEARML_")
@@ -12,7 +14,7 @@ class Settings(BaseSettings):
     enabled: bool = Field(default=False, description="Run the forwarder at all (it is optional).")
     nats_url: str = "nats://127.0.0.1:4222"
     durable: str = Field(default="clearml-forwarder", description="Prefix of its two durables (-events, -logs).")
-    task_map_bucket: str = Field(default="kiln_clearml_tasks", description="NATS KV bucket: job id -> task id.")
+    task_map_bucket: str = Field(default=streams.CLEARML_TASKS_BUCKET, description="NATS KV bucket: job id -> task id.")
     config_file: Path | None = Field(
         default=None,
         description="clearml.conf (server, credentials); default: CLEARML_CONFIG_FILE, else ~/clearml.conf.",

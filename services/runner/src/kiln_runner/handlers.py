@@ -14,7 +14,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from kiln_contracts.service import dead_letter
-from kiln_contracts import CancelJob, Event, ExitClass, JobFinished, JobStatus, StartJob, utcnow
+from kiln_contracts import CancelJob, Event, ExitClass, JobFinished, JobStatus, StartJob, streams, utcnow
 
 from .adapters.checkpoints import CheckpointFetcher
 from .adapters.datasets import DatasetCache
@@ -156,7 +156,7 @@ class Runner:
         because the bucket could not be read.
         """
         try:
-            entry = await self.kv.get(f"{job_id}.cancel")
+            entry = await self.kv.get(streams.cancel_key(job_id))
         except (KeyNotFoundError, KeyDeletedError):
             return None
         return (entry.value or b"").decode() or "cancelled by user"

@@ -27,7 +27,7 @@ JOBS, EVENTS, LOGS = streams.JOBS.name or "", streams.EVENTS.name or "", streams
 AUDIT, DLQ = streams.AUDIT.name or "", streams.DLQ.name or ""
 # The forwarder's job -> task map.  streams.py does not export it yet (the forwarder's settings hold the default);
 # with least privilege it must be provisioned like the other buckets.
-CLEARML_TASKS_BUCKET: str = getattr(streams, "CLEARML_TASKS_BUCKET", "kiln_clearml_tasks")
+CLEARML_TASKS_BUCKET = streams.CLEARML_TASKS_BUCKET
 
 TAG_PROJECT, TAG_JOB, TAG_CONSUMER = "{{tag(project)}}", "{{tag(job)}}", "{{tag(consumer)}}"
 USER_KEY = "{{subject()}}"  # the connecting user's public key
@@ -106,7 +106,7 @@ def api() -> Role:
     inbox, sub = _own("api")
     pub = [pattern(subjects.start, "*"), subjects.CANCEL_ALL, pattern(subjects.event, "*", "*", "*"),
            pattern(subjects.audit, "*", "*"),
-           *jsapi.kv(streams.CLAIMS_BUCKET, write="*.cancel", read=False),  # cancel marks only, never a claim
+           *jsapi.kv(streams.CLAIMS_BUCKET, write=streams.cancel_key("*"), read=False),  # cancel marks, never a claim
            *(jsapi.stream_info(s) for s in (JOBS, EVENTS, AUDIT)),
            # third-party durables (POST .../event-credentials): created with a project filter, deleted on revoke
            f"{jsapi.API}.CONSUMER.CREATE.{EVENTS}.*.{pattern(subjects.project_events, '*')}",

@@ -125,11 +125,18 @@ async def create_key(conn: AsyncConnection, user_id: str, name: str, expires_at:
 
 
 async def find_key(conn: AsyncConnection, key_id: str) -> dict[str, Any] | None:
-    """A key with its user's name and flags, for authentication."""
-    stmt = (select(api_keys, users.c.name.label("user_name"), users.c.is_owner, users.c.disabled_at)
-            .select_from(api_keys.join(users, users.c.id == api_keys.c.user_id)).where(api_keys.c.id == key_id))
-    r = (await conn.execute(stmt)).first()
-    return _row(r) if r else None
+    """A key with its user's name, flags and roles (``roles``: project -> Role), in one query, for authentication."""
+    stmt = (select(api_keys, users.c.name.label("user_name"), users.c.is_owner, users.c.disabled_at,
+                   memberships.c.project_id, memberships.c.role)
+            .select_from(api_keys.join(users, users.c.id == api_keys.c.user_id)
+                         .outerjoin(memberships, memberships.c.user_id == api_keys.c.user_id))
+            .where(api_keys.c.id == key_id))
+    rows = (await conn.execute(stmt)).all()
+    if not rows:
+        return None
+    out = _row(rows[0])
+    out["roles"] = {r.project_id: Role(r.role) for r in rows if r.project_id is not None}
+    return out
 
 
 async def list_keys(conn: AsyncConnection, user_id: str) -> list[dict[str, Any]]:

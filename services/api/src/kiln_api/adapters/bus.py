@@ -47,7 +47,7 @@ class Bus:
 
     async def request_cancel(self, job_id: str, project: str, attempt: int, reason: str, queued: bool) -> None:
         """Mark the job cancelled for runners (KV, checked before spawning) and tell a running one (core NATS)."""
-        await self.kv.put(f"{job_id}.cancel", reason.encode())
+        await self.kv.put(streams.cancel_key(job_id), reason.encode())
         await self.nc.publish(subjects.cancel(job_id), CancelJob(job_id=job_id, reason=reason).model_dump_json().encode())
         if queued:  # no runner holds it yet: the API records the end itself; a later claim sees the KV mark
             await self._event(Event(

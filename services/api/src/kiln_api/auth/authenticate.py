@@ -89,8 +89,8 @@ class Authenticator:
             self._touched[key_id] = time.monotonic()
             await accounts_repo.touch_key(conn, key_id, now)
             await conn.commit()
-        return Caller(row["user_id"], row["user_name"], row["is_owner"],
-                      await accounts_repo.roles_of(conn, row["user_id"]), credential=key_id, via="key", key_id=key_id)
+        return Caller(row["user_id"], row["user_name"], row["is_owner"], row["roles"], credential=key_id, via="key",
+                      key_id=key_id)
 
     async def _session(self, token: str, request: Request, conn: AsyncConnection) -> Caller:
         row = await accounts_repo.find_session(conn, keys.digest(token))

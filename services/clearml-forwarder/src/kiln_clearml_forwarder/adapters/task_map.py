@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 from nats.js import JetStreamContext
+from kiln_contracts import streams
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
-BUCKET = "kiln_clearml_tasks"
+BUCKET = streams.CLEARML_TASKS_BUCKET
 
 
 class TaskMap:
