@@ -1,4 +1,5 @@
-"""The audit trail: who created, started, cancelled or re-ran a job, and who changed keys, members and projects.
+"""The audit trail: who created, started, cancelled or re-ran a job, and who changed keys, members, projects and
+third-party event credentials.
 
 The API writes each record to its ``audit_log`` table in the same transaction as the change, then publishes it on
 ``kiln.audit.<project>.<action>`` (stream ``KILN_AUDIT``; ``_instance`` stands for changes outside any project),
@@ -39,6 +40,8 @@ class AuditAction(str, Enum):
     project_created = "project_created"
     signed_in = "signed_in"
     signed_out = "signed_out"
+    event_credentials_created = "event_credentials_created"
+    event_credentials_revoked = "event_credentials_revoked"
 
 
 class AuditRecorded(BaseModel):
@@ -54,7 +57,8 @@ class AuditRecorded(BaseModel):
     credential: str = Field("", description="Key id (kiln_...), session:<id> or oidc: how the actor signed in.")
     action: AuditAction = Field(..., description="What was done.")
     project: str | None = Field(None, description="Project concerned; null when none.")
-    target: str = Field("", description="What it was done to: job:<id>, key:<id>, user:<id>, project:<id>.")
+    target: str = Field("", description="What it was done to: job:<id>, key:<id>, user:<id>, project:<id>, "
+                        "event-credentials:<id>.")
     details: dict[str, Any] = Field(default_factory=dict, description="Action specifics (e.g. role, reason).")
 
     @property
