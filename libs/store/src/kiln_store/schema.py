@@ -4,6 +4,7 @@ Ownership (each table has one writer):
 - ``jobs``: the API (job specs, submissions, re-runs).
 - ``users``, ``projects``, ``memberships``, ``api_keys``, ``sessions``, ``audit_log``: the API (accounts, access,
   and the record of who did what).
+- ``event_credentials``: the API (third-party NATS readers of a project; never the credentials themselves).
 - ``job_status``, ``status_events``, ``metric_events``, ``logs``, ``artifacts``: the metrics-writer (projections of
   events).
 """
@@ -107,6 +108,21 @@ audit_log = Table(
     Column("details", JSON, nullable=False, default=dict),
     Column("published_at", UTCDateTime(), nullable=True),  # NULL until the bus stored its event
     Index("ix_audit_log_project_time", "project", "time"),
+)
+
+event_credentials = Table(
+    # Read-only NATS credentials of third-party subscribers (docs/events.md).  The .creds text is shown once and
+    # kept nowhere: only the user's public key, which is what a revocation names.
+    "event_credentials", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("project_id", String(64), ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(32), nullable=False),  # the consumer token: durables tp-<project>-<name>
+    Column("public_key", String(64), nullable=False, unique=True),  # the NATS user (U...)
+    Column("created_by", String(32), nullable=True),  # user id
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Index("ix_event_credentials_project_name", "project_id", "name"),
 )
 
 jobs = Table(
