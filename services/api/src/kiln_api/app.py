@@ -63,7 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = make_engine(settings.database_url)
         await upgrade(app.state.engine)
         await ensure_owner(app.state.engine, settings)
-        app.state.bus = await Bus.connect(settings.nats_url)
+        app.state.bus = await Bus.connect(settings.nats_url, settings.nats_creds_file, settings.nats_inbox_prefix,
+                                          settings.streams_wait_s)
         sweeper = asyncio.create_task(_sweep(app, settings))
         try:
             yield

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from kiln_contracts.service import is_loopback
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     oidc_client_secret: SecretStr | None = Field(None, description="Client secret, for a confidential client.")
     public_url: str | None = Field(None, description="The URL users reach the API at (https://kiln.example.com), "
                                                      "for the OIDC redirect; default: the request's own.")
+    # -- NATS identities (docs/nats-auth.md); unset: connect without credentials and create the streams, as before --
+    nats_creds_file: FilePath | None = Field(
+        None, description="The API's own NATS creds (<trust>/creds/api.creds). With them the API only checks that "
+                          "its streams exist: the provisioning step creates them.")
+    nats_inbox_prefix: str | None = Field(
+        None, description="Inbox prefix the API's creds allow (default with creds: _INBOX.api).")
+    streams_wait_s: float = Field(
+        60.0, ge=0, description="With creds: how long to wait at start for the provisioned streams before giving up.")
     # -- limits --
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body; larger ones answer 413.")
     create_rate_limit: str = Field(

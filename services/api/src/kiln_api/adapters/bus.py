@@ -2,13 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
 import nats
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from kiln_contracts import (
     AuditRecorded, CancelJob, Event, ExitClass, JobFinished, JobStatus, JobStatusChanged, StartJob, streams, subjects, utcnow,
 )
+from kiln_contracts.natsauth import jsapi, permissions, provision
+
+log = logging.getLogger("kiln.api.bus")
+PROVISION_HINT = ("with NATS credentials the API does not create streams or buckets: run the provisioning step "
+                  "first (`kiln up` does; elsewhere kiln_contracts.natsauth.provision.provision(js, pools) with "
+                  "the provisioner's creds)")
+
+
+class NotProvisioned(RuntimeError):
+    """Streams or buckets the API needs are missing and its creds may not create them."""
+
+
+async def _missing(js: JetStreamContext) -> list[str]:
+    missing = await provision.missing_streams(js, permissions.api().streams)
+    try:
+        await js.stream_info(jsapi.kv_stream(streams.CLAIMS_BUCKET))
+    except NotFoundError:
+        missing.append(jsapi.kv_stream(streams.CLAIMS_BUCKET))
+    return missing
+
+
+async def await_provisioned(js: JetStreamContext, wait_s: float, every_s: float = 2.0) -> None:
+    """Return once the API's streams and its bucket exist (``STREAM.INFO`` only); after ``wait_s`` raise
+    :class:`NotProvisioned`, naming what is missing and the step that makes it."""
+    deadline = time.monotonic() + wait_s
+    while missing := await _missing(js):
+        problem = f"NATS streams missing: {', '.join(missing)}; {PROVISION_HINT}"
+        if time.monotonic() >= deadline:
+            raise NotProvisioned(problem)
+        log.warning("%s; checking again in %gs", problem, every_s)
+        await asyncio.sleep(every_s)
 
 
 class Bus:
@@ -18,11 +57,24 @@ class Bus:
         self.kv = kv
 
     @classmethod
-    async def connect(cls, url: str) -> "Bus":
-        nc = await nats.connect(url, name="kiln-api", max_reconnect_attempts=-1, connect_timeout=5)
+    async def connect(cls, url: str, creds_file: Path | None = None, inbox_prefix: str | None = None,
+                      streams_wait_s: float = 0.0) -> "Bus":
+        """Connect; without ``creds_file`` create or update the streams as before, with it (least privilege: the
+        server refuses stream changes) wait up to ``streams_wait_s`` for the provisioning step to have made them."""
+        options: dict[str, Any] = {}
+        if creds_file is not None:
+            options = {"user_credentials": str(creds_file), "inbox_prefix": inbox_prefix or permissions.api().inbox}
+        nc = await nats.connect(url, name="kiln-api", max_reconnect_attempts=-1, connect_timeout=5, **options)
         js = nc.jetstream()
-        await streams.ensure_streams(js)
-        return cls(nc, await js.key_value(streams.CLAIMS_BUCKET))
+        try:
+            if creds_file is None:
+                await streams.ensure_streams(js)
+            else:
+                await await_provisioned(js, streams_wait_s)
+            return cls(nc, await js.key_value(streams.CLAIMS_BUCKET))
+        except BaseException:
+            await nc.close()
+            raise
 
     async def close(self) -> None:
         await self.nc.drain()
