@@ -111,9 +111,18 @@ def test_the_api_waits_for_the_provisioning_step(tmp_path) -> None:
         assert _violations(server) == []
 
 
-def test_the_default_inbox_prefix_is_the_roles_and_a_missing_creds_file_is_refused(tmp_path) -> None:
+def test_the_default_inbox_prefix_is_the_roles_and_partial_settings_are_refused(tmp_path) -> None:
     from kiln_contracts.natsauth.permissions import api
 
     assert api().inbox == "_INBOX.api"
+    creds = tmp_path / "api.creds"
+    creds.write_text("not read here")
+    with pytest.raises(ValueError, match="nats_trust_dir needs nats_creds_file"):
+        Settings(nats_trust_dir=tmp_path)
+    with pytest.raises(ValueError, match="need nats_trust_dir"):
+        Settings(nats_creds_file=creds, nats_account="A" * 56)
     with pytest.raises(ValueError, match="nats_creds_file"):  # a creds file that is not there: at once
         Settings(nats_creds_file=tmp_path / "missing.creds")
+    s = Settings(nats_url="nats://a:4222", nats_public_url="nats://x:4222, tls://y:4222")
+    assert s.nats_public_urls == ["nats://x:4222", "tls://y:4222"]
+    assert Settings(nats_url="nats://a:4222").nats_public_urls == ["nats://a:4222"]

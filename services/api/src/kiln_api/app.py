@@ -20,13 +20,14 @@ from kiln_store import make_engine, upgrade
 from . import errors
 from .adapters import accounts_repo, audit, jobs_repo
 from .adapters.bus import Bus
+from .adapters.event_creds import ThirdPartyIssuer
 from .auth.access import RateLimiter, authorize, check_rules
 from .auth.authenticate import Authenticator
 from .auth.bootstrap import ensure_owner
 from .auth.oidc import OIDCVerifier
 from .auth.oidc_login import OIDCLogin
 from .limits import BodySizeLimit
-from .routes import accounts, artifacts, jobs, session
+from .routes import accounts, artifacts, event_credentials, jobs, session
 from .settings import Settings
 
 log = logging.getLogger("kiln.api")
@@ -60,11 +61,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
+        app.state.event_creds = ThirdPartyIssuer.from_settings(settings)  # reads its files: fails before the rest
         app.state.engine = make_engine(settings.database_url)
         await upgrade(app.state.engine)
         await ensure_owner(app.state.engine, settings)
         app.state.bus = await Bus.connect(settings.nats_url, settings.nats_creds_file, settings.nats_inbox_prefix,
                                           settings.streams_wait_s)
+        if app.state.event_creds is None:
+            log.info("third-party event credentials off: no NATS trust directory (KILN_API_NATS_TRUST_DIR)")
         sweeper = asyncio.create_task(_sweep(app, settings))
         try:
             yield
@@ -86,11 +90,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                       else None, settings.oidc_user_claim, settings.oidc_leeway_s)
                             if settings.oidc_issuer and settings.oidc_client_id else None)
     app.state.rate_limiter = RateLimiter({"create": settings.create_rate_limit}, settings.rate_limit_storage)
+    app.state.event_creds = None  # set in the lifespan when the NATS trust directory is configured
     app.state.ticket_key = (settings.ticket_private_key_file.read_bytes() if settings.ticket_private_key_file
                             else None)
     app.add_exception_handler(RequestValidationError, errors.validation_error)
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)])
-    for module in (jobs, artifacts, accounts, session):
+    for module in (jobs, artifacts, accounts, event_credentials, session):
         api.include_router(module.router)
     app.include_router(api)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

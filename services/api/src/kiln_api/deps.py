@@ -9,7 +9,12 @@ from fastapi import Depends, HTTPException, Request
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .adapters.bus import Bus
+from .adapters.event_creds import ThirdPartyIssuer
 from .settings import Settings
+
+NO_EVENT_CREDENTIALS = (
+    "third-party event credentials are not available: this API runs without NATS auth settings "
+    "(KILN_API_NATS_CREDS_FILE and KILN_API_NATS_TRUST_DIR; `kiln up` sets them when it runs NATS with JWT auth)")
 
 
 async def _conn(request: Request) -> AsyncIterator[AsyncConnection]:
@@ -24,6 +29,13 @@ def _bus(request: Request) -> Bus:
     return bus
 
 
+def _issuer(request: Request) -> ThirdPartyIssuer:
+    issuer = getattr(request.app.state, "event_creds", None)
+    if issuer is None:
+        raise HTTPException(503, NO_EVENT_CREDENTIALS)
+    return issuer
+
+
 def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
@@ -31,3 +43,4 @@ def _settings(request: Request) -> Settings:
 ConnDep = Annotated[AsyncConnection, Depends(_conn)]
 BusDep = Annotated[Bus, Depends(_bus)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
+IssuerDep = Annotated[ThirdPartyIssuer, Depends(_issuer)]

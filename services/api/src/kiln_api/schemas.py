@@ -200,3 +200,44 @@ class PublicConfig(BaseModel):
     auth: str = Field(..., description="on or off")
     oidc_issuer: str | None = None
     oidc_login: bool = Field(False, description="Whether GET /api/v1/session/oidc starts an OIDC sign-in.")
+
+
+# -- third-party event credentials (docs/events.md) -----------------------------------------------------------------
+
+CONSUMER_NAME = r"^[a-z0-9]{1,32}$"
+
+
+class EventCredentialsCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=CONSUMER_NAME,
+                      description="The reader's name: 1-32 lowercase letters and digits (one subject token, no '-'); "
+                                  "its durables are tp-<project>-<name>. One active credential per name.")
+    expires_in_days: int = Field(90, ge=1, le=365, description="The credentials stop working after this.")
+
+
+class EventConsumerOut(BaseModel):
+    stream: str = Field(..., description="KILN_EVENTS (job events) or KILN_LOGS (log line batches).")
+    durable: str = Field(..., description="Bind with js.pull_subscribe(filter_subject, durable=..., stream=...).")
+    filter_subject: str = Field(..., description="What the durable delivers: this project's subjects only.")
+
+
+class EventCredentialsOut(BaseModel):
+    id: str
+    project: str
+    name: str
+    public_key: str = Field(..., description="The NATS user (not a secret): what the server's logs name.")
+    consumers: list[EventConsumerOut]
+    created_at: datetime
+    created_by: str | None = Field(None, description="User id of who created them.")
+    created_by_name: str | None = Field(None, description="That user's name.")
+    expires_at: datetime
+    revoked_at: datetime | None = None
+    status: Literal["active", "expired", "revoked"]
+
+
+class EventCredentialsCreated(EventCredentialsOut):
+    creds: str = Field(..., description="The NATS .creds file (user JWT and seed): shown only in this answer, "
+                                        "stored nowhere. Save it with mode 0600.")
+    inbox_prefix: str = Field(..., description="Connect with nats.connect(inbox_prefix=...): replies come there.")
+    nats_urls: list[str] = Field(..., description="Where to connect.")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from kiln_contracts.service import is_loopback
-from pydantic import Field, FilePath, SecretStr, model_validator
+from pydantic import DirectoryPath, Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -52,6 +52,17 @@ class Settings(BaseSettings):
         None, description="Inbox prefix the API's creds allow (default with creds: _INBOX.api).")
     streams_wait_s: float = Field(
         60.0, ge=0, description="With creds: how long to wait at start for the provisioned streams before giving up.")
+    nats_trust_dir: DirectoryPath | None = Field(
+        None, description="The NATS trust directory `kiln up` keeps (<data dir>/nats/trust): trust.json holds the "
+                          "revocation list; keys/operator-signing.nk and creds/sys.creds push revocations. Enables "
+                          "third-party event credentials, with the two settings below defaulting from it.")
+    nats_third_party_seed_file: FilePath | None = Field(
+        None, description="Seed of the third-party scoped signing key (default: <trust dir>/keys/third-party.nk).")
+    nats_account: str | None = Field(
+        None, description="Public key of the KILN account (default: the one in <trust dir>/trust.json).")
+    nats_public_url: str | None = Field(
+        None, description="NATS URL(s), comma-separated, that third-party subscribers connect to (default: "
+                          "nats_url).")
     # -- limits --
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body; larger ones answer 413.")
     create_rate_limit: str = Field(
@@ -65,3 +76,18 @@ class Settings(BaseSettings):
             raise ValueError(f"refusing to listen on {self.host} without authentication (auth=off); "
                              "only loopback addresses may run without it")
         return self
+
+    @model_validator(mode="after")
+    def _third_party_needs_the_whole_chain(self) -> Settings:
+        given = {"nats_third_party_seed_file": self.nats_third_party_seed_file, "nats_account": self.nats_account}
+        if any(given.values()) and self.nats_trust_dir is None:
+            raise ValueError("third-party event credentials need nats_trust_dir too (revocation re-signs the "
+                             "account in that directory)")
+        if self.nats_trust_dir is not None and self.nats_creds_file is None:
+            raise ValueError("nats_trust_dir needs nats_creds_file: event credentials work only on a NATS server "
+                             "with JWT auth, where the API needs its own creds")
+        return self
+
+    @property
+    def nats_public_urls(self) -> list[str]:
+        return [u.strip() for u in (self.nats_public_url or self.nats_url).split(",") if u.strip()]
