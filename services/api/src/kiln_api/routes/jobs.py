@@ -142,8 +142,11 @@ async def list_jobs(
 
 
 async def _detail(conn: ConnDep, job_id: str) -> dict[str, Any]:
+    # The timeline first: the writer commits a status row and the job's projection together, and each read here
+    # sees the latest commit, so the job read second is never behind the timeline it is shown with.
+    timeline = await queries.get_timeline(conn, job_id)
     job = await _job_or_404(conn, job_id)
-    job["timeline"] = await queries.get_timeline(conn, job_id)
+    job["timeline"] = timeline
     job["artifacts"] = await queries.get_artifacts(conn, job_id)
     return job
 
