@@ -20,6 +20,8 @@ class JobContext:
         project: ``KILN_PROJECT`` (default ``"default"``).
         attempt: ``KILN_ATTEMPT`` (default 1).
         nats_url: ``KILN_NATS_URL``; ``None`` means every event is spooled for the runner to replay.
+        nats_creds: ``KILN_NATS_CREDS``: this attempt's NATS credentials file (the runner mints it; mode 0600).
+        nats_inbox_prefix: ``KILN_NATS_INBOX_PREFIX``: the inbox prefix those credentials may receive acks under.
         job_dir: ``KILN_JOB_DIR``, the writable folder of this attempt (default: the current folder).
         spec_path: ``KILN_JOB_SPEC``, a JSON file holding the :class:`kiln_contracts.StartJob`.
         dataset: ``KILN_DATASET``, the resolved local dataset path.
@@ -43,6 +45,8 @@ class JobContext:
     project: str = "default"
     attempt: int = 1
     nats_url: str | None = None
+    nats_creds: Path | None = None
+    nats_inbox_prefix: str | None = None
     job_dir: Path = Path(".")
     spec_path: Path | None = None
     dataset: str | None = None
@@ -75,6 +79,7 @@ class JobContext:
         sdk_file = env.get("KILN_SDK_FILE")
         artifact_dir = env.get("KILN_ARTIFACT_DIR")
         job_id = env.get("KILN_JOB_ID") or None
+        creds = env.get("KILN_NATS_CREDS")
         try:
             system_s = max(0.0, float(env.get("KILN_SYSTEM_METRICS_S") or (5.0 if job_id else 0.0)))
         except ValueError:
@@ -84,6 +89,8 @@ class JobContext:
             project=env.get("KILN_PROJECT") or "default",
             attempt=attempt,
             nats_url=env.get("KILN_NATS_URL") or None,
+            nats_creds=Path(creds) if creds else None,
+            nats_inbox_prefix=env.get("KILN_NATS_INBOX_PREFIX") or None,
             job_dir=job_dir,
             spec_path=Path(spec) if spec else None,
             dataset=env.get("KILN_DATASET") or None,

@@ -22,7 +22,7 @@ from ._events import EventFactory, Record, start_thread, warn_once
 from ._queue import Marker, RecordQueue
 from .reporters import Reporter
 from ._acks import AckPublisher, InflightBatch
-from .spool import Message, Spool, drain_spool
+from .spool import Message, Spool, auth_options, drain_spool
 
 
 IDLE_POLL_S = 0.05
@@ -47,6 +47,10 @@ class NatsReporter(Reporter):
         max_inflight: Published events whose acks may be outstanding at once (the pipelining window).
         ack_timeout: Seconds to wait for JetStream acks before spooling.
         autostart: Start the publisher thread now (tests start it later to fill the queue first).
+        user_credentials: NATS ``.creds`` file of this attempt (``KILN_NATS_CREDS``); ``None``: no credentials.
+        inbox_prefix: Inbox prefix for the acks (``KILN_NATS_INBOX_PREFIX``): the credentials allow no other.
+            Once the credentials expire or are refused, the server closes the connection: what follows is
+            spooled, and the runner replays the spool with its own identity.
 
     Example:
         >>> rep = NatsReporter(None, job_id="j1", spool_dir=__import__("tempfile").mkdtemp())
@@ -68,8 +72,11 @@ class NatsReporter(Reporter):
         max_inflight: int = 4000,
         ack_timeout: float = 5.0,
         autostart: bool = True,
+        user_credentials: str | Path | None = None,
+        inbox_prefix: str | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self.auth = auth_options(user_credentials, inbox_prefix)
         self.factory = EventFactory(job_id, project, attempt)
         self.spool = Spool(Path(spool_dir))
         self.batch = batch
@@ -230,7 +237,7 @@ class NatsReporter(Reporter):
             nc = await nats.connect(
                 self.nats_url, name=f"kiln-sdk-{self.factory.job_id}", allow_reconnect=True,
                 max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2, error_cb=on_error,
-                disconnected_cb=on_change, reconnected_cb=on_change,
+                disconnected_cb=on_change, reconnected_cb=on_change, **self.auth,
             )
         except Exception as exc:  # noqa: BLE001 - e.g. a malformed URL: spool only, the runner replays
             warn_once("connect", f"cannot connect to NATS {self.nats_url}: {exc!r}; spooling to {self.spool.path}")

@@ -260,7 +260,23 @@ def spool_folders(spool_dir: str | os.PathLike[str]) -> list[Path]:
     return [root, *subs]
 
 
-async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: float = 10.0) -> int:
+def auth_options(user_credentials: str | os.PathLike[str] | None, inbox_prefix: str | None) -> dict[str, str]:
+    """``nats.connect`` keywords of an identity: its creds file and inbox prefix, only those set (none: as before).
+
+    Example:
+        >>> auth_options("/job/nats.creds", "_INBOX.UABC"), auth_options(None, None)
+        ({'user_credentials': '/job/nats.creds', 'inbox_prefix': '_INBOX.UABC'}, {})
+    """
+    options = {}
+    if user_credentials:
+        options["user_credentials"] = os.fspath(user_credentials)
+    if inbox_prefix:
+        options["inbox_prefix"] = inbox_prefix
+    return options
+
+
+async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: float = 10.0, *,
+                 user_credentials: str | os.PathLike[str] | None = None, inbox_prefix: str | None = None) -> int:
     """Publish what a trainer left in its spool (e.g. it was killed while NATS was unreachable).
 
     Also replays the spools of DDP workers inside ``spool_dir`` (see :func:`spool_folders`).  Deletes a spool when
@@ -270,6 +286,8 @@ async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: floa
         spool_dir: The trainer's ``KILN_SPOOL_DIR`` (default ``$KILN_JOB_DIR/spool``).
         nats_url: NATS server to publish to.
         timeout: Seconds to wait for the acks of each chunk (and to connect).
+        user_credentials: NATS ``.creds`` file to connect with (e.g. the runner's own); ``None``: none.
+        inbox_prefix: The inbox prefix those credentials allow.
 
     Returns:
         Number of lines JetStream acknowledged (a line already stored is acknowledged and stored once).
@@ -298,7 +316,8 @@ async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: floa
 
     # nats-py keeps retrying a refused first connection whatever max_reconnect_attempts says: bound it here.
     nc = await asyncio.wait_for(nats.connect(nats_url, connect_timeout=timeout, allow_reconnect=False,
-                                             max_reconnect_attempts=0, error_cb=quiet), timeout)
+                                             max_reconnect_attempts=0, error_cb=quiet,
+                                             **auth_options(user_credentials, inbox_prefix)), timeout)
     published = 0
     failed = False
     try:
