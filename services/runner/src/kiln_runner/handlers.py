@@ -19,6 +19,7 @@ from kiln_contracts import CancelJob, Event, ExitClass, JobFinished, JobStatus, 
 from .adapters.checkpoints import CheckpointFetcher
 from .adapters.datasets import DatasetCache
 from .adapters.spools import SpoolDrainer
+from .adapters.trainer_creds import TrainerCreds
 from .domain import JobRef, invalid_reason, job_of_invalid_start
 from .jobs import RunningJob
 from .settings import Settings
@@ -38,6 +39,7 @@ class Runner:
                                              self._artifact_s3_client)
         self.js = nc.jetstream()
         self.spools = SpoolDrainer(self.js, (settings.work_dir / "jobs").resolve())
+        self.trainer_creds = TrainerCreds.from_settings(settings)
         self.slots = Slots(settings.slots)
         self.jobs: dict[str, RunningJob] = {}
         self.tasks: set[asyncio.Task[object]] = set()
@@ -69,7 +71,7 @@ class Runner:
             return
         slot = await self.slots.take()  # immediate: this handler only runs while a slot is free
         job = RunningJob(cmd, self.settings, self.js, slot, self.registry, self.datasets, self.checkpoints,
-                         self.spools)
+                         self.spools, self.trainer_creds)
         # Enter the running registry before the permanent claim: if this runner dies in between, the reaper
         # finds the entry going stale and retries or marks the attempt lost; it never stays "starting".
         try:

@@ -26,6 +26,7 @@ from .adapters.checkpoints import CheckpointError, CheckpointFetcher, read_recor
 from .adapters.datasets import DatasetCache, DatasetError, Resolved
 from .adapters.events import JobEvents
 from .adapters.spools import RUNNER_SPOOL, SpoolDrainer
+from .adapters.trainer_creds import CREDS_ENV, INBOX_ENV, Issued, TrainerCreds
 from .domain import Outcome, classify_exit, retry_after
 from .settings import Settings
 from .versions import versions
@@ -38,8 +39,11 @@ _SCRUB_PREFIXES = ("KILN_RUNNER_", "KILN_API_", "KILN_WRITER_", "KILN_NOTIFIER_"
 class RunningJob:
     def __init__(self, cmd: StartJob, settings: Settings, js: JetStreamContext, slot: int,
                  registry: KeyValue | None = None, datasets: DatasetCache | None = None,
-                 checkpoints: CheckpointFetcher | None = None, spools: SpoolDrainer | None = None) -> None:
+                 checkpoints: CheckpointFetcher | None = None, spools: SpoolDrainer | None = None,
+                 creds: TrainerCreds | None = None) -> None:
         self.cmd, self.settings, self.js, self.slot = cmd, settings, js, slot
+        self.creds = creds  # None: the trainer connects without credentials (no trainer key configured)
+        self.issued: Issued | None = None  # this attempt's trainer creds while its trainer may run
         self.registry = registry
         self.datasets = datasets or DatasetCache(settings.work_dir / "datasets", data_roots=lambda: settings.roots)
         self.checkpoints = checkpoints
@@ -115,6 +119,8 @@ class RunningJob:
     def _env(self, data: Resolved) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_PREFIXES)}
         env.pop("PYTEST_CURRENT_TEST", None)  # Ultralytics changes behaviour "under pytest"
+        for key in (CREDS_ENV, INBOX_ENV):  # never inherited: minted per attempt, or given in TRAINER_ENV
+            env.pop(key, None)
         env.update(
             KILN_JOB_ID=self.cmd.job_id, KILN_PROJECT=self.cmd.spec.project, KILN_ATTEMPT=str(self.cmd.attempt),
             KILN_NATS_URL=self.settings.nats_url, KILN_JOB_DIR=str(self.dir), KILN_JOB_SPEC=str(self.dir / "job.json"),
@@ -137,6 +143,8 @@ class RunningJob:
         env.pop("KILN_MODEL", None)
         if self.model_path is not None:
             env["KILN_MODEL"] = self.model_path
+        if self.issued is not None:  # after TRAINER_ENV: the attempt's own creds win
+            env.update(self.issued.env())
         if s.ultralytics_autoload:
             from kiln_sdk.integrations.ultralytics_autoload import pythonpath
 
@@ -168,11 +176,14 @@ class RunningJob:
             return await self._train(host, data)
         finally:
             beat.cancel()
+            self._drop_creds()  # whatever way the attempt ended (the trainer's exit drops them earlier)
 
     async def _train(self, host: str, data: Resolved) -> Outcome:
         if self.cancel_reason is not None:  # cancelled while its dataset was resolved: never spawn it
             return Outcome(JobStatus.cancelled, ExitClass.cancelled, self.cancel_reason)
         (self.dir / "job.json").write_text(self.cmd.model_dump_json(indent=2))
+        if self.creds is not None:
+            self.issued = self.creds.issue(self.cmd, self.dir)
         env = self._env(data)
         t0 = time.perf_counter()
         try:
@@ -201,12 +212,18 @@ class RunningJob:
             await process.stop_group(self.proc, self.settings.kill_grace_s)
         finally:
             process.signal_group(self.proc.pid, 9)  # nothing of the group outlives the attempt
+            self._drop_creds()  # its spool is replayed with the runner's own identity
             for t in side:
                 t.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
         await self._replay_spool()
         return classify_exit(self.proc.returncode or 0, list(self.events.tail), cancelled=self.cancel_reason is not None,
                              timed_out=timed_out, cancel_reason=self.cancel_reason or "")
+
+    def _drop_creds(self) -> None:
+        issued, self.issued = self.issued, None
+        if issued is not None:
+            issued.remove()
 
     async def _fetch_checkpoint(self) -> None:
         """Bring the earlier attempt's stored checkpoint here and check its SHA-256 (resumed attempts only)."""

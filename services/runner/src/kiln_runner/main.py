@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
-from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats import JStream, NatsBroker, NatsCredentials, NatsMessage, PullSub
 from faststream.middlewares import AckPolicy
 
+from kiln_contracts.natsauth import jsapi, permissions
 from kiln_contracts.service import run_until_signalled
 from kiln_contracts import streams, subjects
 
+from .adapters import identity, trainer_creds
 from .handlers import Runner
 from .reaper import Reaper, open_buckets
 from .settings import Settings
@@ -32,11 +35,18 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         if runner is not None:
             runner.spools.wake()  # and publish what was spooled meanwhile
 
+    role = permissions.runner(settings.pool)
+    inbox = identity.inbox_prefix(settings.nats_inbox_prefix, settings.nats_creds_file, role)
+    own: dict[str, Any] = {"inbox_prefix": inbox} if inbox else {}  # its own identity, when configured
+    if settings.nats_creds_file is not None:
+        own["security"] = NatsCredentials(str(settings.nats_creds_file))
     broker = NatsBroker(settings.nats_url, max_reconnect_attempts=-1, name=f"kiln-runner-{settings.runner_id}",
-                        reconnected_cb=reconnected)
+                        reconnected_cb=reconnected, **own)
     nc = await broker.connect()
     js = nc.jetstream()
-    await streams.ensure_streams(js)
+    buckets = (streams.CLAIMS_BUCKET, streams.RUNNING_BUCKET, streams.LEASES_BUCKET)
+    await identity.prepare_streams(js, settings.nats_creds_file, (*role.streams, *map(jsapi.kv_stream, buckets)),
+                                   settings.streams_wait_s)
     consumer = streams.runner_consumer(settings.pool, max_ack_pending=1000, ack_wait=settings.ack_wait_s)
     await js.add_consumer(streams.JOBS.name or "", consumer)
     registry, leases = await open_buckets(js)
@@ -46,6 +56,13 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                     lease_s=settings.reaper_lease_s)
     reaper_task = asyncio.create_task(reaper.run(reaper_stop)) if settings.reaper else None
     settings.work_dir.mkdir(parents=True, exist_ok=True)
+    if left := trainer_creds.sweep(settings.work_dir / "jobs"):
+        log.info("deleted %d trainer creds file(s) an earlier runner process left", left)
+    if settings.nats_creds_file is not None and runner.trainer_creds is None:
+        log.warning("the runner has its own NATS identity but no trainer signing key: trainers connect without "
+                    "credentials (set KILN_RUNNER_TRAINER_SIGNING_SEED_FILE and KILN_RUNNER_NATS_ACCOUNT)")
+    # FastStream's pull subscriber does not take the connection's inbox prefix: it is given its own.
+    sub_inbox = {"inbox_prefix": f"{inbox}.".encode()} if inbox else {}
 
     @broker.subscriber(
         subjects.start(settings.pool),
@@ -56,6 +73,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         decoder=_raw,
         title=f"runner-{settings.pool}",
         description="Claims StartJob commands of this pool and runs the trainer.",
+        **sub_inbox,
     )
     async def on_start(msg: NatsMessage) -> None:
         await runner.on_start(msg)

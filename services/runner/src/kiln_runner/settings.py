@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kiln_contracts import data_roots as paths
@@ -18,6 +18,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_RUNNER_")
 
     nats_url: str = "nats://127.0.0.1:4222"
+    # Its own NATS identity (docs/nats-auth.md); unset: no credentials, and it creates the streams as before.
+    nats_creds_file: FilePath | None = Field(None, description="The runner's .creds file (role runner-<pool>).")
+    nats_inbox_prefix: str | None = Field(None, description="Inbox prefix its rights allow; default with creds: "
+                                          "the role's own (_INBOX.runner-<pool>).")
+    streams_wait_s: float = Field(60.0, ge=0, description="With creds: how long to wait for the provisioned "
+                                  "streams and buckets before giving up (it may not create them).")
+    trainer_signing_seed_file: FilePath | None = Field(
+        None, description="Seed of the trainer scoped signing key: each attempt's trainer gets its own creds.")
+    nats_account: str | None = Field(None, description="Public key of the KILN account (with the trainer seed).")
+    trainer_creds_grace_s: float = Field(
+        60.0, ge=0, description="A trainer's creds outlive its attempt's timeout by this much (its last flush).")
     pool: str = "default"
     slots: int = Field(1, ge=1, le=64, description="Concurrent trainers (one per GPU on a GPU host).")
     gpus: list[str] = Field(default_factory=list, description="GPU ids, one per slot: CUDA_VISIBLE_DEVICES of each slot.")
@@ -55,6 +66,14 @@ class Settings(BaseSettings):
     @classmethod
     def _split_roots(cls, v: Any) -> Any:
         return paths.parse_roots(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _trainer_key_and_account(self) -> "Settings":
+        if (self.trainer_signing_seed_file is None) != (self.nats_account is None):
+            raise ValueError("KILN_RUNNER_TRAINER_SIGNING_SEED_FILE and KILN_RUNNER_NATS_ACCOUNT go together")
+        if self.nats_account is not None and not self.nats_account.startswith("A"):
+            raise ValueError("KILN_RUNNER_NATS_ACCOUNT is an account public key (it starts with A)")
+        return self
 
     @property
     def roots(self) -> tuple[str, ...]:
