@@ -9,9 +9,11 @@ from typing import Any
 
 import nats
 
+from kiln_contracts.natsauth import jsapi, permissions
 from kiln_contracts.service import run_until_signalled
-from kiln_contracts.streams import ensure_streams, forwarder_consumers
+from kiln_contracts.streams import forwarder_consumers
 
+from .adapters import identity
 from .adapters.clearml import ClearMLPort, make_clearml
 from .adapters.task_map import TaskMap
 from .consumer import PullConsumer
@@ -34,9 +36,18 @@ async def run(settings: Settings, stop: asyncio.Event | None = None, clearml: Cl
         log.info("clearml-forwarder disabled (set KILN_CLEARML_ENABLED=1 to run it)")
         return
     stop = stop or asyncio.Event()
-    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, name="kiln-clearml-forwarder")
+    role = permissions.clearml_forwarder(settings.durable, settings.task_map_bucket)
+    inbox = identity.inbox_prefix(settings.nats_inbox_prefix, settings.nats_creds_file, role)
+    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, name="kiln-clearml-forwarder",
+                            **identity.connect_options(settings.nats_creds_file, inbox))
     js = nc.jetstream()
-    await ensure_streams(js)
+    try:  # with creds the task map bucket is the provisioner's to create, too
+        await identity.prepare_streams(js, settings.nats_creds_file,
+                                       (*role.streams, jsapi.kv_stream(settings.task_map_bucket)),
+                                       settings.streams_wait_s)
+    except BaseException:
+        await nc.close()
+        raise
     blocking = Blocking(clearml or build_clearml(settings), settings.workers, settings.keepalive_s)
     deps = Deps(blocking, await TaskMap.open(js, settings.task_map_bucket), list(settings.tags),
                 settings.project_prefix)

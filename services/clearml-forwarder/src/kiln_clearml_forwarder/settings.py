@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, FilePath
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kiln_contracts import streams
@@ -13,6 +13,12 @@ class Settings(BaseSettings):
 
     enabled: bool = Field(default=False, description="Run the forwarder at all (it is optional).")
     nats_url: str = "nats://127.0.0.1:4222"
+    # Its own NATS identity (docs/nats-auth.md); unset: no credentials, and it creates the streams as before.
+    nats_creds_file: FilePath | None = Field(default=None, description="Its .creds file (role clearml-forwarder).")
+    nats_inbox_prefix: str | None = Field(default=None, description="Inbox prefix its rights allow; default with "
+                                          "creds: the role's own (_INBOX.<durable>).")
+    streams_wait_s: float = Field(default=60.0, ge=0, description="With creds: how long to wait for the "
+                                  "provisioned streams and task map bucket (it may not create them).")
     durable: str = Field(default="clearml-forwarder", description="Prefix of its two durables (-events, -logs).")
     task_map_bucket: str = Field(default=streams.CLEARML_TASKS_BUCKET, description="NATS KV bucket: job id -> task id.")
     config_file: Path | None = Field(

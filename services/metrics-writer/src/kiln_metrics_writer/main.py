@@ -8,10 +8,12 @@ from dataclasses import replace
 
 import nats
 
+from kiln_contracts.natsauth import permissions
 from kiln_contracts.service import run_until_signalled
-from kiln_contracts.streams import Durable, ensure_streams, writer_consumers
+from kiln_contracts.streams import Durable, writer_consumers
 from kiln_store import make_engine, upgrade
 
+from .adapters import identity
 from .adapters.sql import write_batch
 from .consumer import BatchConsumer
 from .settings import Settings
@@ -23,8 +25,16 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     engine = make_engine(settings.database_url)
     await upgrade(engine)
-    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, name="kiln-metrics-writer")
-    await ensure_streams(nc.jetstream())
+    role = permissions.metrics_writer(settings.durable)
+    inbox = identity.inbox_prefix(settings.nats_inbox_prefix, settings.nats_creds_file, role)
+    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, name="kiln-metrics-writer",
+                            **identity.connect_options(settings.nats_creds_file, inbox))
+    try:
+        await identity.prepare_streams(nc.jetstream(), settings.nats_creds_file, role.streams, settings.streams_wait_s)
+    except BaseException:
+        await nc.close()
+        await engine.dispose()
+        raise
 
     async def write(events):  # type: ignore[no-untyped-def]
         return await write_batch(engine, events)

@@ -1,5 +1,6 @@
 """Settings of the metrics-writer (env prefix KILN_WRITER_)."""
 
+from pydantic import Field, FilePath
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -7,6 +8,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_WRITER_")
 
     nats_url: str = "nats://127.0.0.1:4222"
+    # Its own NATS identity (docs/nats-auth.md); unset: no credentials, and it creates the streams as before.
+    nats_creds_file: FilePath | None = Field(None, description="The writer's .creds file (role metrics-writer).")
+    nats_inbox_prefix: str | None = Field(None, description="Inbox prefix its rights allow; default with creds: "
+                                          "the role's own (_INBOX.<durable>).")
+    streams_wait_s: float = Field(60.0, ge=0, description="With creds: how long to wait for the provisioned "
+                                  "streams before giving up (it may not create them).")
     database_url: str = "sqlite+aiosqlite:///var/kiln.db"
     durable: str = "metrics-writer"
     batch_size: int = 5000
