@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from kiln_contracts.streams import ensure_streams
+from kiln_contracts.natsauth import permissions
 from nats.aio.client import Client as NATS
 
+from .adapters import identity
+from .adapters.consumers import NamedConsumers
 from .adapters.jetstream import Fanout
 from .auth import Tickets
 from .handlers import Hub, router
@@ -26,6 +28,9 @@ def create_app(settings: NotifierSettings) -> FastAPI:
             raise RuntimeError("auth is on but no ticket public key was loaded")
         tickets = Tickets(settings.public_key, settings.recheck_s)
 
+    role = permissions.notifier()
+    inbox = identity.inbox_prefix(settings.nats_inbox_prefix, settings.nats_creds_file, role)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nc = NATS()
@@ -41,9 +46,14 @@ def create_app(settings: NotifierSettings) -> FastAPI:
             error_cb=_log_nats_error,
             disconnected_cb=disconnected,
             reconnected_cb=_log_reconnected,
+            **identity.connect_options(settings.nats_creds_file, inbox),
         )
-        js = nc.jetstream()
-        await ensure_streams(js)
+        js = NamedConsumers(nc)  # ordered consumers by name: permissions can pin them (adapters/consumers.py)
+        try:
+            await identity.prepare_streams(js, settings.nats_creds_file, role.streams, settings.streams_wait_s)
+        except BaseException:
+            await nc.close()
+            raise
         app.state.hub = Hub(
             settings=settings, nc=nc, js=js, fanout=Fanout(js, idle_heartbeat=settings.consumer_idle_heartbeat_s),
             tickets=tickets)

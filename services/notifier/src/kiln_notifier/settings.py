@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from kiln_contracts.service import is_loopback
 from kiln_contracts.tickets import SOCKET_RECHECK_S
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, FilePath, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .auth import load_public_key
@@ -33,6 +33,13 @@ class NotifierSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_NOTIFIER_", extra="ignore")
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma separated.")
+    nats_creds_file: FilePath | None = Field(
+        None, description="Its own NATS identity, a .creds file (role notifier; docs/nats-auth.md); unset: no "
+                          "credentials, and it creates the streams as before.")
+    nats_inbox_prefix: str | None = Field(
+        None, description="Inbox prefix its rights allow; default with creds: the role's own (_INBOX.notifier).")
+    streams_wait_s: float = Field(
+        60.0, ge=0, description="With creds: how long to wait for the provisioned streams (it may not create them).")
     host: str = Field("127.0.0.1", description="Listen address; loopback unless another one is set explicitly.")
     port: int = Field(8001, ge=1, le=65535, description="Listen port.")
     client_queue: int = Field(
