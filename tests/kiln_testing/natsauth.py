@@ -12,14 +12,16 @@ import subprocess
 import time
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import nats
 from nats.aio.client import RawCredentials
 
-from kiln_contracts.natsauth.permissions import service_roles
+from kiln_contracts import streams, subjects
+from kiln_contracts.natsauth import jsapi, permissions
+from kiln_contracts.natsauth.permissions import Role, service_roles
 from kiln_contracts.natsauth.server import TlsFiles, TrustChain, setup_trust, write_server_config
 from kiln_contracts.natsauth.trust import write_secret
 
@@ -168,6 +170,40 @@ async def client(server: AuthNats, role: str, **options: Any) -> Client:
     """A :class:`Client` of a service ``role`` of ``server``."""
     opts = server.connect_options(role)
     return await Client(role).connect(server.url, opts["user_credentials"], opts["inbox_prefix"], **options)
+
+
+OBSERVER = "test-observer"
+
+
+def add_observer(server: AuthNats) -> str:
+    """A test-only user with every right, to read and check the streams as the tests' own eyes (never a Kiln role);
+    :func:`client` connects as it under the name :data:`OBSERVER`."""
+    role = Role(OBSERVER, "tests only", [">"], [">"], inbox=jsapi.inbox_prefix(OBSERVER))
+    server.inboxes[OBSERVER] = role.inbox
+    return str(server.chain.service_creds(role))
+
+
+def named_notifier_role() -> Role:
+    """The notifier's rights with its ordered consumers created by name (``kiln_notifier.adapters.consumers``): the
+    named create form with the filters it reads, the service durables denied by name, the unnamed form gone.
+
+    What ``permissions.notifier()`` is asked to become (docs/nats-auth.md, "Known gap"); once it is, this is it.
+    """
+    role = permissions.notifier()
+    unnamed = {f"{jsapi.API}.CONSUMER.CREATE.{s}" for s in (permissions.EVENTS, permissions.LOGS)}
+    named = [f"{jsapi.API}.CONSUMER.CREATE.{permissions.EVENTS}.*.{subjects.EVENTS_ALL}",
+             f"{jsapi.API}.CONSUMER.CREATE.{permissions.LOGS}.*.{permissions.pattern(subjects.log, '*', '*')}"]
+    durables = [(d.stream, d.config.durable_name)
+                for d in (*streams.writer_consumers(), *streams.forwarder_consumers())]
+    allow = [r for r in role.pub_allow if r not in unnamed]
+    allow += [r for r in named if r not in allow]
+    deny = [f"{jsapi.API}.CONSUMER.CREATE.{s}.{d}.>" for s, d in durables]
+    return replace(role, pub_allow=allow, pub_deny=role.pub_deny + [r for r in deny if r not in role.pub_deny])
+
+
+def pin_notifier_consumers(server: AuthNats) -> str:
+    """Re-mint the notifier's creds with :func:`named_notifier_role`; returns the creds path."""
+    return str(server.chain.service_creds(named_notifier_role()))
 
 
 @dataclass
