@@ -13,7 +13,7 @@ from kiln_contracts.natsauth import jsapi, permissions
 from kiln_contracts.service import run_until_signalled
 from kiln_contracts.streams import forwarder_consumers
 
-from .adapters import identity
+from kiln_contracts.natsauth import client as identity
 from .adapters.clearml import ClearMLPort, make_clearml
 from .adapters.task_map import TaskMap
 from .consumer import PullConsumer

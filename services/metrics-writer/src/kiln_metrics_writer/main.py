@@ -13,7 +13,7 @@ from kiln_contracts.service import run_until_signalled
 from kiln_contracts.streams import Durable, writer_consumers
 from kiln_store import make_engine, upgrade
 
-from .adapters import identity
+from kiln_contracts.natsauth import client as identity
 from .adapters.sql import write_batch
 from .consumer import BatchConsumer
 from .settings import Settings

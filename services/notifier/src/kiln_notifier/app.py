@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from kiln_contracts.natsauth import permissions
 from nats.aio.client import Client as NATS
 
-from .adapters import identity
+from kiln_contracts.natsauth import client as identity
 from .adapters.consumers import NamedConsumers
 from .adapters.jetstream import Fanout
 from .auth import Tickets

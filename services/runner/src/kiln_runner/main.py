@@ -13,7 +13,9 @@ from kiln_contracts.natsauth import jsapi, permissions
 from kiln_contracts.service import run_until_signalled
 from kiln_contracts import streams, subjects
 
-from .adapters import identity, trainer_creds
+from kiln_contracts.natsauth import client as identity
+
+from .adapters import trainer_creds
 from .handlers import Runner
 from .reaper import Reaper, open_buckets
 from .settings import Settings

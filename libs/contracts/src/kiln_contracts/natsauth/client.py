@@ -1,11 +1,11 @@
-"""This service's own NATS identity (opt-in): its creds and inbox prefix; streams checked, never created.
+"""A service's own NATS identity (opt-in): its creds and inbox prefix; streams checked, never created.
 
 Without a creds file the service connects as before and creates or updates the streams itself.  With one, the
 server gives it only its role's rights (``kiln_contracts.natsauth.permissions``): the provisioner has made the
 streams and buckets, and the service only checks that they are there (``STREAM.INFO``).  It still creates or
 updates its own durables: its creds pin their names and filters.
 
-The same module lies in every service that connects to NATS; it belongs in ``kiln_contracts.natsauth`` once there.
+Used by the runner, the metrics-writer, the ClearML forwarder and the notifier.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
-from kiln_contracts import streams
-from kiln_contracts.natsauth.permissions import Role
-from kiln_contracts.natsauth.provision import missing_streams
+from .. import streams
+from .permissions import Role
+from .provision import missing_streams
 
 log = logging.getLogger("kiln.nats")
 PROVISION_HINT = ("run the provisioning step first (`kiln up` does it; or kiln_contracts.natsauth.provision."
