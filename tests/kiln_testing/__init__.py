@@ -11,7 +11,8 @@ from pathlib import Path
 
 from kiln_local.stack import free_port, nats_server_bin  # one definition, shared with `kiln up`
 
-__all__ = ["free_port", "nats_server_bin", "NatsServer", "MotoS3", "pg_admin_url", "pg_create_db", "pg_drop_db"]
+__all__ = ["free_port", "nats_server_bin", "NatsServer", "MotoS3", "pg_admin_url", "pg_create_db", "pg_drop_db",
+           "wait_for_port", "stop_process"]
 
 
 class NatsServer:
@@ -32,24 +33,37 @@ class NatsServer:
             [nats_server_bin(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("nats-server did not start")
+        wait_for_port(self.port, self.proc)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None,
+                  timeout: float = 10.0) -> None:
+    """Return once something listens on 127.0.0.1:``port``; fail at once if ``proc`` exits (with ``log``'s tail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("nats-server exited" + (f": {log.read_text()[-3000:]}" if log else ""))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("nats-server did not start")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL after 5 s."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def pg_admin_url(url: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
-import socket
 import ssl
 import subprocess
 import time
@@ -25,7 +24,7 @@ from kiln_contracts.natsauth.permissions import Role, service_roles
 from kiln_contracts.natsauth.server import TlsFiles, TrustChain, setup_trust, write_server_config
 from kiln_contracts.natsauth.trust import write_secret
 
-from . import free_port, nats_server_bin
+from . import free_port, nats_server_bin, stop_process, wait_for_port
 
 
 @dataclass
@@ -59,25 +58,10 @@ class AuthNats:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([nats_server_bin(), "-c", str(self.conf)], stdout=log,
                                          stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("nats-server did not start")
+        wait_for_port(self.port, self.proc, self.log_path)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def log(self) -> str:
