@@ -9,7 +9,6 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from datetime import timedelta
 
 from fastapi import HTTPException, Request
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -109,7 +108,3 @@ class Authenticator:
         return Caller(row["user_id"], row["user_name"], row["is_owner"],
                       await accounts_repo.roles_of(conn, row["user_id"]), credential=f"session:{row['id']}",
                       via="session", key_id=row["key_id"], session_id=row["id"], csrf=row["csrf"])
-
-
-def session_ttl(seconds: int) -> timedelta:
-    return timedelta(seconds=seconds)

@@ -7,8 +7,6 @@ admin of every project.
 Example:
     >>> Role.member.allows(Role.viewer), Role.viewer.allows(Role.member)
     (True, False)
-    >>> Role.parse("admin") is Role.admin
-    True
 """
 
 from __future__ import annotations
@@ -28,10 +26,6 @@ class Role(str, Enum):
     def allows(self, needed: Role) -> bool:
         """Whether someone with this role may do what ``needed`` may."""
         return self.rank >= needed.rank
-
-    @classmethod
-    def parse(cls, value: str) -> Role:
-        return cls(value)
 
 
 _RANK = {Role.viewer: 1, Role.member: 2, Role.admin: 3}
