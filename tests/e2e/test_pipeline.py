@@ -14,6 +14,7 @@ from sqlalchemy import select
 from kiln_local.stack import Stack, StackConfig, free_port
 from kiln_local.synth import make_detection_dataset
 from kiln_store import make_engine, metric_events
+from kiln_testing.natsauth import observer_options
 
 pytestmark = pytest.mark.e2e
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -145,7 +146,17 @@ def test_rest_to_training_to_db_to_websocket(stack, api, dataset, db_url):
 
     per_epoch = asyncio.run(rows_in_db())
     assert [s for s, _ in per_epoch] == [1, 2] and all(n >= 8 for _, n in per_epoch)
-    assert_no_secret_anywhere(stack, [stack.owner_key()])
+    assert_no_secret_anywhere(stack, [stack.owner_key(), *nats_seeds(stack)])
+
+
+def nats_seeds(stack: Stack) -> list[str]:
+    """Every NATS seed of the stack: the signing keys' and each service user's (the line after the JWT in creds)."""
+    chain = stack.bus.chain
+    keys = [p.read_text().strip() for p in (chain.root / "keys").glob("*.nk")]
+    users = [line.strip() for p in (chain.root / "creds").glob("*.creds")
+             for line in p.read_text().splitlines() if line.startswith("SU")]
+    assert len(keys) >= 6 and len(users) >= 6, (keys, users)
+    return keys + users
 
 
 def assert_no_secret_anywhere(stack: Stack, secrets: list[str]) -> None:
@@ -163,7 +174,7 @@ def assert_no_secret_anywhere(stack: Stack, secrets: list[str]) -> None:
             pass
 
     async def streams() -> dict[str, bytes]:
-        nc = await nats.connect(stack.nats_url)
+        nc = await nats.connect(stack.nats_url, **observer_options(stack.bus.chain))
         js, out = nc.jetstream(), {}
         for name in ("KILN_EVENTS", "KILN_LOGS", "KILN_AUDIT", "KILN_JOBS", "KILN_DLQ"):
             info = await js.stream_info(name)

@@ -3,8 +3,8 @@
 One nats-server in operator mode with the generated configuration, provisioned by the provisioner identity; a
 metrics-writer process (SQLite) and a notifier, each with its own creds; per test a runner process with its creds
 and the trainer scoped key, which mints each attempt's trainer creds.  A test-only observer user with every right
-reads the streams.  The notifier's creds are those asked of ``permissions.notifier()`` (its ordered consumers
-created by name: ``kiln_testing.natsauth.named_notifier_role``).
+reads the streams.  The notifier creates its ordered consumers by name,
+as ``permissions.notifier()`` requires.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from kiln_contracts.natsauth import permissions as perms
 from kiln_contracts.natsauth.jwt import decode, parse_creds
 from kiln_contracts.natsauth.provision import provision
 from kiln_store import logs, make_engine, metric_events, status_events
-from kiln_testing.natsauth import OBSERVER, AuthNats, add_observer, auth_nats, client, pin_notifier_consumers
+from kiln_testing.natsauth import OBSERVER, AuthNats, add_observer, auth_nats, client
 from kiln_testing.notifier import authorized, expect, running_notifier, ticket, ws_connect
 from kiln_testing.runners import EventLog, RunnerProc, publish_start, spec
 from kiln_testing.writer import WriterProc, drained, wait_for
@@ -103,7 +103,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("natscreds")
     with auth_nats(root / "bus", (POOL,)) as server:
         add_observer(server)
-        pin_notifier_consumers(server)
 
         async def prepare() -> None:
             prov = await client(server, "provisioner")

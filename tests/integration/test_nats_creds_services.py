@@ -22,7 +22,7 @@ from kiln_contracts import Event, EpochCompleted, JobStatus, JobStatusChanged, s
 from kiln_contracts.natsauth import permissions as perms
 from kiln_contracts.natsauth.provision import provision
 from kiln_testing.clearml_stub import drained, job_events, task_record
-from kiln_testing.natsauth import OBSERVER, AuthNats, add_observer, auth_nats, client, pin_notifier_consumers
+from kiln_testing.natsauth import OBSERVER, AuthNats, add_observer, auth_nats, client
 from kiln_testing.notifier import authorized, events, expect, running_notifier, ticket, ws_connect
 from kiln_testing.runners import RunnerProc
 from kiln_testing.writer import WriterProc
@@ -34,7 +34,6 @@ EVENTS = perms.EVENTS
 def bus(tmp_path_factory: pytest.TempPathFactory):
     with auth_nats(tmp_path_factory.mktemp("credsvc")) as server:
         add_observer(server)
-        pin_notifier_consumers(server)
 
         async def prepare() -> None:
             prov = await client(server, "provisioner")

@@ -246,12 +246,13 @@ async def test_clearml_forwarder_fetches_acks_and_keeps_its_task_map(bus: AuthNa
 
 
 async def test_notifier_replays_and_follows_with_ordered_consumers(bus: AuthNats) -> None:
+    from kiln_notifier.adapters.consumers import NamedConsumers
     from kiln_notifier.adapters.jetstream import _unsubscribe_all, consumer_config
 
     first = _event("p1", "n1", JobStatusChanged(status=JobStatus.queued), source="api")
     await _publish(bus, "runner-gpu", first)
     c = await client(bus, "notifier")
-    js = c.js
+    js = NamedConsumers(c.nc, timeout=2.0)  # as the notifier does: the unnamed create form is refused to it
     got: list[str] = []
 
     async def on_msg(msg: Any) -> None:
@@ -326,8 +327,10 @@ REFUSED: list[tuple[str, str, Callable[[Client], Any]]] = [
     ("notifier", "delete a stream", _js("delete_stream", EVENTS)),
     ("notifier", "delete the writer's durable", _js("delete_consumer", EVENTS, "metrics-writer-events")),
     ("notifier", "fetch from the writer's durable", lambda c: _fetch_from(c, EVENTS, "metrics-writer-events")),
-    ("notifier", "create a named durable", _js("add_consumer", EVENTS, jsa.ConsumerConfig(
-        name="mine", durable_name="mine", filter_subject=subjects.EVENTS_ALL))),
+    ("notifier", "create a consumer on the work queue", _js("add_consumer", JOBS, jsa.ConsumerConfig(
+        name="mine", durable_name="mine", filter_subject=subjects.START_ALL))),
+    ("notifier", "create a consumer by the unnamed form", _js("add_consumer", EVENTS, jsa.ConsumerConfig(
+        filter_subject=subjects.EVENTS_ALL, deliver_subject="_INBOX.notifier.x"))),
     ("notifier", "publish a cancel", lambda c: c.nc.publish(subjects.cancel("j1"), b"{}")),
 ]
 
@@ -341,14 +344,16 @@ async def test_the_server_refuses(bus: AuthNats, role: str, what: str, call: Cal
     await c.close()
 
 
-async def test_known_gap_the_unnamed_create_form_can_change_a_durable(bus: AuthNats) -> None:
-    """Canary: nats-py's ordered consumers need ``$JS.API.CONSUMER.CREATE.<stream>`` (the name only in the body),
-    and through it the notifier can rewrite any consumer of the stream by naming it.  No subject permission can
-    prevent it (docs/nats-auth.md); if a server release starts refusing it, this test says so."""
+async def test_the_notifier_cannot_rewrite_a_consumer_by_name(bus: AuthNats) -> None:
+    """nats-py's unnamed create form (``$JS.API.CONSUMER.CREATE.<stream>``, the name only in the body) would let the
+    notifier rewrite any consumer of the stream: it is refused, and so is the named form on a service durable."""
     c = await client(bus, "notifier")
     body = {"stream_name": EVENTS, "config": {"name": "tp-p9-canary", "ack_policy": "explicit",
                                               "filter_subject": "kiln.evt.p8.>"}}
-    reply = await c.nc.request(f"$JS.API.CONSUMER.CREATE.{EVENTS}", json.dumps(body).encode(), timeout=2)
-    answer = json.loads(reply.data)
-    assert answer.get("config", {}).get("filter_subject") == "kiln.evt.p8.>", answer
+    assert "permissions violation" in await c.refused(
+        c.nc.request(f"$JS.API.CONSUMER.CREATE.{EVENTS}", json.dumps(body).encode(), timeout=2))
+    writer = {"stream_name": EVENTS, "config": {"name": "metrics-writer-events", "durable_name": "metrics-writer-events",
+                                                "ack_policy": "explicit", "filter_subject": "kiln.evt.>"}}
+    assert "permissions violation" in await c.refused(c.nc.request(
+        f"$JS.API.CONSUMER.CREATE.{EVENTS}.metrics-writer-events.kiln.evt.>", json.dumps(writer).encode(), timeout=2))
     await c.close()

@@ -84,7 +84,9 @@ async def test_an_invalid_start_command_shows_failed_with_its_reason_through_the
                        headers=auth)
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
-        nc = await nats.connect(stack.nats_url)
+        from kiln_testing.natsauth import observer_options
+
+        nc = await nats.connect(stack.nats_url, **observer_options(stack.bus.chain))
         try:
             await nc.jetstream().publish(subjects.start("default"),
                                          raw_start(job_id, dataset, "1e400", project="default"))

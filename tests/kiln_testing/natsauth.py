@@ -11,15 +11,14 @@ import subprocess
 import time
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nats
 from nats.aio.client import RawCredentials
 
-from kiln_contracts import streams, subjects
-from kiln_contracts.natsauth import jsapi, permissions
+from kiln_contracts.natsauth import jsapi
 from kiln_contracts.natsauth.permissions import Role, service_roles
 from kiln_contracts.natsauth.server import TlsFiles, TrustChain, setup_trust, write_server_config
 from kiln_contracts.natsauth.trust import write_secret
@@ -159,35 +158,18 @@ async def client(server: AuthNats, role: str, **options: Any) -> Client:
 OBSERVER = "test-observer"
 
 
-def add_observer(server: AuthNats) -> str:
-    """A test-only user with every right, to read and check the streams as the tests' own eyes (never a Kiln role);
-    :func:`client` connects as it under the name :data:`OBSERVER`."""
+def observer_options(chain: TrustChain) -> dict[str, str]:
+    """``nats.connect`` keywords of a test-only user with every right, minted in ``chain`` (e.g. a ``kiln up``
+    stack's, ``stack.bus.chain``): the tests' own eyes on the streams, never a Kiln role."""
     role = Role(OBSERVER, "tests only", [">"], [">"], inbox=jsapi.inbox_prefix(OBSERVER))
-    server.inboxes[OBSERVER] = role.inbox
-    return str(server.chain.service_creds(role))
+    return {"user_credentials": str(chain.service_creds(role)), "inbox_prefix": role.inbox, "name": OBSERVER}
 
 
-def named_notifier_role() -> Role:
-    """The notifier's rights with its ordered consumers created by name (``kiln_notifier.adapters.consumers``): the
-    named create form with the filters it reads, the service durables denied by name, the unnamed form gone.
-
-    What ``permissions.notifier()`` is asked to become (docs/nats-auth.md, "Known gap"); once it is, this is it.
-    """
-    role = permissions.notifier()
-    unnamed = {f"{jsapi.API}.CONSUMER.CREATE.{s}" for s in (permissions.EVENTS, permissions.LOGS)}
-    named = [f"{jsapi.API}.CONSUMER.CREATE.{permissions.EVENTS}.*.{subjects.EVENTS_ALL}",
-             f"{jsapi.API}.CONSUMER.CREATE.{permissions.LOGS}.*.{permissions.pattern(subjects.log, '*', '*')}"]
-    durables = [(d.stream, d.config.durable_name)
-                for d in (*streams.writer_consumers(), *streams.forwarder_consumers())]
-    allow = [r for r in role.pub_allow if r not in unnamed]
-    allow += [r for r in named if r not in allow]
-    deny = [f"{jsapi.API}.CONSUMER.CREATE.{s}.{d}.>" for s, d in durables]
-    return replace(role, pub_allow=allow, pub_deny=role.pub_deny + [r for r in deny if r not in role.pub_deny])
-
-
-def pin_notifier_consumers(server: AuthNats) -> str:
-    """Re-mint the notifier's creds with :func:`named_notifier_role`; returns the creds path."""
-    return str(server.chain.service_creds(named_notifier_role()))
+def add_observer(server: AuthNats) -> str:
+    """:func:`observer_options` on a test server; :func:`client` connects as it under the name :data:`OBSERVER`."""
+    options = observer_options(server.chain)
+    server.inboxes[OBSERVER] = options["inbox_prefix"]
+    return options["user_credentials"]
 
 
 @dataclass

@@ -93,10 +93,24 @@ def test_reissuing_the_account_jwt_always_moves_iat_forward(chain: trust.TrustCh
 
 def test_revocations_and_their_pruning(chain: trust.TrustChain) -> None:
     user = nj.Key.new("user").public_key
-    chain.state["revocations"][user] = {"at": int(time.time()), "until": int(time.time()) - 1}
+    with chain.transaction() as state:
+        state["revocations"][user] = {"at": int(time.time()), "until": int(time.time()) - 1}
     assert user in nj.decode(chain.account_jwt(reissue=True))["nats"]["revocations"]
     assert server.prune_revocations(chain) == [user]
     assert "revocations" not in nj.decode(chain.account_jwt())["nats"]
+
+
+def test_two_processes_changing_the_chain_lose_nothing(chain: trust.TrustChain) -> None:
+    """The API revokes while ``kiln up`` (another process, its own copy of the state) re-mints a role: both stay."""
+    other = load_trust(chain.root)  # loaded before the revocation, as a second process would be
+    user = nj.Key.new("user").public_key
+    with chain.transaction() as state:
+        state["revocations"][user] = {"at": int(time.time()), "until": None}
+    other.service_creds(permissions.notifier())  # saves the roles from a stale copy: must keep the revocation
+    fresh = load_trust(chain.root)
+    assert user in fresh.state["revocations"]
+    assert fresh.state["roles"]["notifier"]["user"] != chain.state["roles"]["notifier"]["user"]
+    assert user in nj.decode(other.account_jwt(reissue=True))["nats"]["revocations"]
 
 
 def test_secrets_are_mode_0600_and_setup_is_repeatable(chain: trust.TrustChain) -> None:
@@ -204,10 +218,14 @@ EXPECT = [  # (role, subject, allowed)
     ("metrics-writer", "$JS.API.STREAM.DELETE.KILN_EVENTS", False),
     ("clearml-forwarder", "$KV.kiln_clearml_tasks.j1", True),
     ("clearml-forwarder", "$KV.kiln_claims.j1", False),
-    ("notifier", "$JS.API.CONSUMER.CREATE.KILN_EVENTS", True),
+    ("notifier", "$JS.API.CONSUMER.CREATE.KILN_EVENTS", False),
+    ("notifier", "$JS.API.CONSUMER.CREATE.KILN_EVENTS.notifier-ab12.kiln.evt.p1.j1.>", True),
+    ("notifier", "$JS.API.CONSUMER.CREATE.KILN_LOGS.notifier-ab12.kiln.log.p1.j1", True),
+    ("notifier", "$JS.API.CONSUMER.CREATE.KILN_EVENTS.metrics-writer-events.kiln.evt.>", False),
+    ("notifier", "$JS.API.CONSUMER.CREATE.KILN_JOBS.x.kiln.cmd.start.>", False),
     ("notifier", "$JS.API.CONSUMER.DELETE.KILN_EVENTS.abcdef12", True),
     ("notifier", "$JS.API.CONSUMER.DELETE.KILN_EVENTS.metrics-writer-events", False),
-    ("notifier", "$JS.API.CONSUMER.CREATE.KILN_EVENTS.x.kiln.evt.>", False),
+    ("notifier", "$JS.API.CONSUMER.CREATE.KILN_EVENTS.x.kiln.evt.>", True),
     ("notifier", subjects.event("p1", "j1", "status"), False),
 ]
 

@@ -21,6 +21,7 @@ import httpx
 import psutil
 from supervisor.xmlrpc import SupervisorTransport
 
+from .bus import Identities
 from .supervision import (
     GROUP, RUNNER_SHUTDOWN_GRACE_S, RUNNER_STOP_WAIT_S, START_RETRIES, USER, Program, render,
 )
@@ -56,7 +57,8 @@ class StackConfig:
     host: str = "127.0.0.1"
     api_port: int = 8000
     notifier_port: int = 8001
-    nats_url: str | None = None  # None: start the bundled nats-server
+    nats_url: str | None = None  # None: start the bundled nats-server (operator mode, every service its own creds)
+    nats_creds_dir: Path | None = None  # with nats_url: the services' creds (a trust dir or <role>.creds files)
     nats_port: int = 14222
     db_url: str | None = None  # None: SQLite in data_dir
     runner_slots: int = 1
@@ -83,17 +85,31 @@ class Stack:
         self.secrets = self.data_dir / "secrets"  # mode 0700: the owner's key, the ticket signing key
         self.owner_key_file = self.secrets / "owner.key"
         self.socket = self.data_dir / "supervisor.sock"  # supervisord's XML-RPC (and supervisorctl's) endpoint
+        self.nats_trust = self.secrets / "nats"  # the bundled server's trust chain (docs/nats-auth.md)
+        self.bus: Identities | None = None  # None: NATS without identities (an existing server given no creds)
+        if cfg.nats_url is None:
+            if cfg.nats_creds_dir is not None:
+                raise ValueError("nats_creds_dir goes with nats_url: the bundled server makes its own")
+        elif cfg.nats_creds_dir is not None:
+            self.bus = Identities.given(cfg.nats_creds_dir)
         self._password = ""
         self._socket_dir: Path | None = None  # a short temp dir when data_dir is too deep for a unix socket path
 
     def services(self) -> list[Program]:
         """Every service but NATS, with the argv and environment it runs with."""
         py, common = sys.executable, {"PYTHONUNBUFFERED": "1"}
+        bus = self.bus
+
+        def creds(prefix: str, role: str) -> dict[str, str]:
+            return bus.env(prefix, role) if bus else {}
+
         progs = [
             Program("metrics-writer", [py, "-m", "kiln_metrics_writer"], {
-                **common, "KILN_WRITER_NATS_URL": self.nats_url, "KILN_WRITER_DATABASE_URL": self.db_url}),
+                **common, "KILN_WRITER_NATS_URL": self.nats_url, "KILN_WRITER_DATABASE_URL": self.db_url,
+                **creds("KILN_WRITER", "metrics-writer")}),
             Program("notifier", [py, "-m", "kiln_notifier"], {
-                **common, "KILN_NOTIFIER_NATS_URL": self.nats_url, "KILN_NOTIFIER_HOST": self.cfg.host,
+                **common, "KILN_NOTIFIER_NATS_URL": self.nats_url, **creds("KILN_NOTIFIER", "notifier"),
+                "KILN_NOTIFIER_HOST": self.cfg.host,
                 "KILN_NOTIFIER_PORT": str(self.cfg.notifier_port),
                 "KILN_NOTIFIER_TICKET_PUBLIC_KEY_FILE": str(self.secrets / "ticket-signing.pub"),
                 "KILN_NOTIFIER_ALLOWED_ORIGINS": ",".join(self.page_origins())}),
@@ -101,9 +117,11 @@ class Stack:
                 **common, "KILN_API_NATS_URL": self.nats_url, "KILN_API_DATABASE_URL": self.db_url,
                 "KILN_API_HOST": self.cfg.host, "KILN_API_PORT": str(self.cfg.api_port),
                 "KILN_API_NOTIFIER_URL": self.ws_url, "KILN_API_BOOTSTRAP_KEY_FILE": str(self.owner_key_file),
-                "KILN_API_TICKET_PRIVATE_KEY_FILE": str(self.secrets / "ticket-signing.pem")})]
+                "KILN_API_TICKET_PRIVATE_KEY_FILE": str(self.secrets / "ticket-signing.pem"),
+                **(bus.api_env() if bus else {})})]
         if self.cfg.clearml:
-            env = {**common, "KILN_CLEARML_ENABLED": "1", "KILN_CLEARML_NATS_URL": self.nats_url}
+            env = {**common, "KILN_CLEARML_ENABLED": "1", "KILN_CLEARML_NATS_URL": self.nats_url,
+                   **creds("KILN_CLEARML", "clearml-forwarder")}
             if self.cfg.clearml == "offline":
                 env.update(KILN_CLEARML_OFFLINE="1", KILN_CLEARML_CACHE_DIR=str(self.data_dir / "clearml"))
             else:
@@ -115,6 +133,7 @@ class Stack:
         for i in range(self.cfg.runners):
             progs.append(Program(f"runner-{i}", [py, "-m", "kiln_runner"], {
                 **common, "KILN_RUNNER_NATS_URL": self.nats_url, "KILN_RUNNER_POOL": self.cfg.pool,
+                **(bus.runner_env(self.cfg.pool) if bus else {}),
                 "KILN_RUNNER_SLOTS": str(self.cfg.runner_slots), "KILN_RUNNER_WORK_DIR": str(self.runner_dir(i)),
                 "KILN_RUNNER_RUNNER_ID": f"{socket.gethostname()}-runner-{i}",
                 # Jobs read datasets and models only here (the demo's is in <data_dir>/datasets); an operator's wins.
@@ -173,9 +192,12 @@ class Stack:
         if self.cfg.nats_url is None:
             if port_open(self.cfg.nats_port):
                 raise SystemExit(f"port {self.cfg.nats_port} is taken; choose another with --nats-port")
-            nats = Program("nats", [nats_server_bin(), "-js", "-a", "127.0.0.1", "-p", str(self.cfg.nats_port),
-                                    "-sd", str(self.data_dir / "nats")])
         self._ensure_secrets()
+        if self.cfg.nats_url is None:
+            self.bus = Identities.bundled(self.nats_trust, (self.cfg.pool,))
+            conf = self.bus.write_server_config(self.data_dir / "nats-server.conf", port=self.cfg.nats_port,
+                                                store_dir=self.data_dir / "nats")
+            nats = Program("nats", [nats_server_bin(), "-c", str(conf)])
         subprocess.run([sys.executable, "-m", "kiln_store", "upgrade"], check=True, cwd=self.data_dir,
                        stdout=subprocess.DEVNULL, env={**os.environ, "KILN_DATABASE_URL": self.db_url})
         services = self.services()
@@ -191,6 +213,8 @@ class Stack:
             self._wait(self._rpc_ready, 20, "supervisord")
             if nats:
                 self._wait(lambda: port_open(self.cfg.nats_port), 10, "nats-server")
+            if self.bus:
+                self.bus.provision(self.nats_url, (self.cfg.pool,))  # the services may only check that it is done
             self.rpc().supervisor.startProcessGroup(GROUP, False)
             self._wait(lambda: self._healthy(f"{self.api_url}/healthz"), timeout, "api")
             self._wait(lambda: self._healthy(f"http://{self.cfg.host}:{self.cfg.notifier_port}/healthz"), timeout,

@@ -66,6 +66,19 @@ def ordered_consumers(stream: str, *, delete: bool = False) -> list[str]:
     return rights
 
 
+def named_consumers(stream: str, filter_subject: str, *, delete: bool = False) -> list[str]:
+    """Consumers created by a name of the caller's choosing through the named form
+    ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``: the server refuses a body whose name or filter differs
+    from the subject's, so the filter is pinned here (``>`` in it allows any narrower one).  Also their info, flow
+    control, and with ``delete`` deleting one by name (any consumer of the stream: deny the ones to keep).
+    """
+    rights = [f"{API}.CONSUMER.CREATE.{stream}.*.{filter_subject}", f"{API}.CONSUMER.INFO.{stream}.*",
+              f"$JS.FC.{stream}.>", f"$JS.FC.*.*.{stream}.>"]
+    if delete:
+        rights.append(f"{API}.CONSUMER.DELETE.{stream}.*")
+    return rights
+
+
 def kv_stream(bucket: str) -> str:
     return f"KV_{bucket}"
 

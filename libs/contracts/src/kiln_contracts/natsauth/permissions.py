@@ -157,14 +157,17 @@ def clearml_forwarder(durable: str = "clearml-forwarder", task_bucket: str = CLE
 
 
 def notifier() -> Role:
+    """Ordered consumers created by name (``kiln_notifier.adapters.consumers``) through the named form with the
+    filters it reads; the service durables denied by name, so it can neither re-filter nor delete them."""
     inbox, sub = _own("notifier")
     pub: list[str] = []
-    for s in (EVENTS, LOGS):
-        pub += [jsapi.stream_info(s), *jsapi.msg_get(s), *jsapi.ordered_consumers(s, delete=True)]
-    deny = [f"{jsapi.API}.CONSUMER.DELETE.{s}.{d}" for s, d in _service_durables()]
-    return Role("notifier", "ordered consumers on events and logs for the WebSocket clients (created, deleted "
-                "when the last client leaves), last sequence per subject", pub, sub, deny, inbox=inbox,
-                streams=(EVENTS, LOGS))
+    for s, reads in ((EVENTS, subjects.EVENTS_ALL), (LOGS, pattern(subjects.log, "*", "*"))):
+        pub += [jsapi.stream_info(s), *jsapi.msg_get(s), *jsapi.named_consumers(s, reads, delete=True)]
+    deny = [f"{jsapi.API}.CONSUMER.{op}.{s}.{d}{tail}" for s, d in _service_durables()
+            for op, tail in (("CREATE", ".>"), ("DELETE", ""))]
+    return Role("notifier", "ordered consumers on events and logs for the WebSocket clients, each created under a "
+                "name of its own (deleted when the last client leaves), last sequence per subject", pub, sub, deny,
+                inbox=inbox, streams=(EVENTS, LOGS))
 
 
 def service_roles(pools: tuple[str, ...] = ("default",)) -> list[Role]:

@@ -114,17 +114,19 @@ async def revoke(chain: TrustChain, user_public_key: str, servers: str | list[st
     """
     if not user_public_key.startswith("U"):
         raise ValueError("not a user public key")
-    chain.state["revocations"][user_public_key] = {"at": int(time.time()), "until": until}
-    chain.account_jwt(reissue=True)
+    with chain.transaction() as state:
+        state["revocations"][user_public_key] = {"at": int(time.time()), "until": until}
+        chain.account_jwt(reissue=True)
     return await push_account(chain, servers, tls=tls)
 
 
 def prune_revocations(chain: TrustChain, now: float | None = None) -> list[str]:
     """Drop revocations whose user JWTs have all expired (push the account afterwards); returns the keys dropped."""
     now = time.time() if now is None else now
-    gone = [k for k, r in chain.state["revocations"].items() if r.get("until") and r["until"] < now]
-    for k in gone:
-        del chain.state["revocations"][k]
-    if gone:
-        chain.account_jwt(reissue=True)
+    with chain.transaction() as state:
+        gone = [k for k, r in state["revocations"].items() if r.get("until") and r["until"] < now]
+        for k in gone:
+            del state["revocations"][k]
+        if gone:
+            chain.account_jwt(reissue=True)
     return gone

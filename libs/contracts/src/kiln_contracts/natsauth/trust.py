@@ -19,9 +19,13 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from . import jsapi
 from . import jwt as nj
@@ -61,6 +65,21 @@ class TrustChain:
 
     root: Path
     state: dict[str, Any]
+    _lock: FileLock | None = field(default=None, repr=False, compare=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[dict[str, Any]]:
+        """Read trust.json afresh under a file lock, yield its state to change, save it: two processes (``kiln up``
+        re-minting a role, the API revoking a user) never lose each other's change.  Reentrant."""
+        if self._lock is None:
+            self._lock = FileLock(str(self.root / ".trust.lock"))
+        outer = self._lock.is_locked
+        with self._lock:
+            if not outer:
+                self.state = json.loads((self.root / "trust.json").read_text())
+            yield self.state
+            if not outer:
+                self.save()
 
     @property
     def account(self) -> str:
@@ -108,9 +127,10 @@ class TrustChain:
         """
         claims = self._account_claims()
         if reissue or self.state.get("account_digest") != digest(claims):
-            self.state["account_iat"] = max(int(time.time()), int(self.state["account_iat"]) + 1)
-            self.state["account_digest"] = digest(claims)
-            self.save()
+            with self.transaction() as state:
+                claims = self._account_claims()  # from the state on disk: another process may have revoked
+                state["account_iat"] = max(int(time.time()), int(state["account_iat"]) + 1)
+                state["account_digest"] = digest(claims)
         return nj.encode(claims, self.key("operator-signing"), iat=int(self.state["account_iat"]))
 
     def service_creds(self, role: Role, expires_at: int | None = None) -> Path:
@@ -120,9 +140,9 @@ class TrustChain:
         claims = nj.user_claims(user.public_key, role.name, issuer_account=self.account, permissions=perms,
                                 expires_at=expires_at)
         token = nj.encode(claims, self.key(SERVICES_KEY))
-        path = write_secret(self.creds_path(role.name), nj.creds_text(token, user))
-        self.state.setdefault("roles", {})[role.name] = {"user": user.public_key, "rights": digest(perms)}
-        self.save()
+        with self.transaction() as state:
+            path = write_secret(self.creds_path(role.name), nj.creds_text(token, user))
+            state.setdefault("roles", {})[role.name] = {"user": user.public_key, "rights": digest(perms)}
         return path
 
     def creds_current(self, role: Role) -> bool:
