@@ -205,9 +205,9 @@ def make_ca(root: Path, name: str = "kiln-test-ca") -> PrivateCA:
              .public_key(key.public_key()).serial_number(x509.random_serial_number())
              .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
              .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if not ca:  # a server's certificate also serves its outgoing cluster routes: client usage too
+            usage = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
+            b = b.add_extension(x509.ExtendedKeyUsage([*usage, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         if server:
             b = b.add_extension(x509.SubjectAlternativeName(
                 [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)

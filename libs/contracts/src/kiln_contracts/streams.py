@@ -141,24 +141,28 @@ def forwarder_consumers(name: str = "clearml-forwarder") -> tuple[Durable, Durab
     return event_and_log_consumers(name, ack_wait=60.0, max_ack_pending=2_000)
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create every Kiln stream and the claims KV bucket, or update them to this definition."""
+async def ensure_streams(js: JetStreamContext, replicas: int | None = None) -> None:
+    """Create every Kiln stream and KV bucket, or update the streams to this definition.
+
+    ``replicas``: copies of each stream and bucket in a JetStream cluster.  None keeps what an existing stream has
+    (an operator's replicated streams are never reset to one copy) and creates new ones with one.
+    """
     for cfg in STREAMS:
         try:
-            await js.stream_info(cfg.name or "")
+            info = await js.stream_info(cfg.name or "")
         except NotFoundError:
-            await js.add_stream(cfg)
-            log.info("created stream %s", cfg.name)
+            await js.add_stream(cfg.evolve(num_replicas=replicas or 1))
+            log.info("created stream %s (%d replicas)", cfg.name, replicas or 1)
             continue
         try:
-            await js.update_stream(cfg)
+            await js.update_stream(cfg.evolve(num_replicas=replicas or info.config.num_replicas or 1))
         except BadRequestError as exc:  # e.g. retention cannot change: keep the existing one, say so
             log.warning("stream %s not updated: %s", cfg.name, exc)
     for bucket, ttl in BUCKETS:
         try:
             await js.key_value(bucket)
         except NotFoundError:  # nats-py raises BucketNotFoundError, a NotFoundError
-            await js.create_key_value(bucket=bucket, history=1, ttl=ttl or None)
+            await js.create_key_value(bucket=bucket, history=1, ttl=ttl or None, replicas=replicas or 1)
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig) -> None:

@@ -32,13 +32,16 @@ def third_party_consumers(project: str, consumer: str, *, ack_wait: float = 60.0
 
 
 async def provision(js: JetStreamContext, pools: tuple[str, ...] = ("default",), *,
-                    task_bucket: str = CLEARML_TASKS_BUCKET) -> None:
-    """Create or update every stream, KV bucket and service durable (run with the provisioner's creds)."""
-    await streams.ensure_streams(js)
+                    task_bucket: str = CLEARML_TASKS_BUCKET, replicas: int | None = None) -> None:
+    """Create or update every stream, KV bucket and service durable (run with the provisioner's creds).
+
+    ``replicas``: copies of each in a JetStream cluster (3 on a 3-node cluster); None keeps existing streams' count.
+    """
+    await streams.ensure_streams(js, replicas)
     try:
         await js.key_value(task_bucket)
     except NotFoundError:
-        await js.create_key_value(bucket=task_bucket, history=1)
+        await js.create_key_value(bucket=task_bucket, history=1, replicas=replicas or 1)
     for pool in pools:
         await streams.ensure_consumer(js, streams.JOBS.name or "", streams.runner_consumer(pool))
     for d in (*streams.writer_consumers(), *streams.forwarder_consumers()):
