@@ -15,7 +15,7 @@ up: bootstrap
 	$(VENV)/bin/kiln up
 
 test: bootstrap
-	bash scripts/install-browser.sh
+	bash scripts/install-system.sh
 	$(VENV)/bin/pytest
 
 docs: bootstrap

@@ -66,6 +66,7 @@ class StackConfig:
     pool: str = "default"
     quiet: bool = True  # False: supervisord's lines (spawned, exited, gave up, stopped) also on stdout
     clearml: str | None = None  # None: no forwarder; "offline" or a clearml.conf path
+    public_url: str | None = None  # https://kiln.example.com when a TLS proxy serves the API and the notifier
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -82,6 +83,12 @@ class Stack:
         self.db_url = cfg.db_url or f"sqlite+aiosqlite:///{self.data_dir / 'kiln.db'}"
         self.api_url = f"http://{cfg.host}:{cfg.api_port}"
         self.ws_url = f"ws://{cfg.host}:{cfg.notifier_port}"
+        self.page_ws_url = self.ws_url  # where the page opens its sockets
+        if cfg.public_url:  # behind a TLS proxy (deploy/proxy/nginx.conf): the page and its sockets go through it
+            if not cfg.public_url.startswith("https://"):
+                raise ValueError(f"public_url {cfg.public_url!r}: the proxy must serve HTTPS (the session cookie "
+                                 "is Secure)")
+            self.page_ws_url = "wss://" + cfg.public_url.removeprefix("https://").rstrip("/")
         self.secrets = self.data_dir / "secrets"  # mode 0700: the owner's key, the ticket signing key
         self.owner_key_file = self.secrets / "owner.key"
         self.socket = self.data_dir / "supervisor.sock"  # supervisord's XML-RPC (and supervisorctl's) endpoint
@@ -116,7 +123,8 @@ class Stack:
             Program("api", [py, "-m", "kiln_api"], {
                 **common, "KILN_API_NATS_URL": self.nats_url, "KILN_API_DATABASE_URL": self.db_url,
                 "KILN_API_HOST": self.cfg.host, "KILN_API_PORT": str(self.cfg.api_port),
-                "KILN_API_NOTIFIER_URL": self.ws_url, "KILN_API_BOOTSTRAP_KEY_FILE": str(self.owner_key_file),
+                "KILN_API_NOTIFIER_URL": self.page_ws_url, "KILN_API_BOOTSTRAP_KEY_FILE": str(self.owner_key_file),
+                **({"KILN_API_PUBLIC_URL": self.cfg.public_url.rstrip("/")} if self.cfg.public_url else {}),
                 "KILN_API_TICKET_PRIVATE_KEY_FILE": str(self.secrets / "ticket-signing.pem"),
                 **(bus.api_env() if bus else {})})]
         if self.cfg.clearml:
@@ -146,7 +154,8 @@ class Stack:
     def page_origins(self) -> list[str]:
         """Origins the web page is served from (the API's): the only browser origins the notifier accepts."""
         hosts = {self.cfg.host} | ({"127.0.0.1", "localhost"} if self.cfg.host in ("127.0.0.1", "localhost") else set())
-        return sorted(f"http://{h}:{self.cfg.api_port}" for h in hosts)
+        public = [self.cfg.public_url.rstrip("/")] if self.cfg.public_url else []
+        return sorted(f"http://{h}:{self.cfg.api_port}" for h in hosts) + public
 
     def owner_key(self) -> str:
         """The owner's API key that the API wrote on its first start (``secrets/owner.key``, mode 0600).
