@@ -146,6 +146,7 @@ async def revoke(chain: TrustChain, user_public_key: str, servers: str | list[st
         raise ValueError("not a user public key")
     with chain.transaction() as state:
         state["revocations"][user_public_key] = {"at": int(time.time()), "until": until}
+        prune_revocations(chain)  # the list rides in the account JWT: keep it to users that could still connect
         chain.account_jwt(reissue=True)
     return await push_account(chain, servers, tls=tls)
 

@@ -9,7 +9,6 @@ operator signing key and pushing it with the system user (docs/nats-auth.md, "Re
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 from dataclasses import dataclass
@@ -87,14 +86,9 @@ class ThirdPartyIssuer:
 
     async def revoke(self, js: JetStreamContext, project: str, name: str, public_key: str, until: int) -> None:
         """Cut the user off everywhere (live connections close at once, connects are refused), then delete its
-        durables.  The revocation list lives in ``trust.json``, shared with ``kiln up``: read it fresh, under a
-        lock, so that no other revocation is lost."""
+        durables.  The revocation list lives in ``trust.json``, shared with ``kiln up``: ``server.revoke`` reads it
+        fresh under its file lock (and drops the entries whose users have expired anyway), so none is lost."""
         async with self._lock:
-            fd = os.open(self.trust_dir / "trust.json", os.O_RDONLY)
-            try:
-                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-                answer = await server.revoke(load_trust(self.trust_dir), public_key, self.servers, until=until)
-            finally:
-                os.close(fd)  # releases the lock
+            answer = await server.revoke(load_trust(self.trust_dir), public_key, self.servers, until=until)
         log.info("revoked NATS user %s (%s of project %s): %s", public_key, name, project, answer)
         await provision.remove_third_party(js, project, name)
