@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kiln_contracts import streams, subjects
-from kiln_contracts.natsauth import jsapi, mint, permissions, provision, server, trust
+from kiln_contracts.natsauth import client, jsapi, mint, permissions, provision, server, trust
 from kiln_contracts.natsauth import jwt as nj
 from kiln_contracts.natsauth.mint import mint_third_party, mint_trainer
 from kiln_contracts.natsauth.permissions import SCOPES, THIRD_PARTY, TRAINER, service_roles
@@ -40,7 +40,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> trust.TrustChain:
     return setup_trust(tmp_path_factory.mktemp("trust") / "nats", ("gpu",))
 
 
-@pytest.mark.parametrize("module", [nj, jsapi, permissions, mint, server])
+@pytest.mark.parametrize("module", [nj, jsapi, permissions, mint, server, client])
 def test_doctests(module: object) -> None:
     assert doctest.testmod(module).failed == 0  # type: ignore[arg-type]
 
@@ -253,3 +253,18 @@ def test_the_doc_table_is_the_generated_one() -> None:
 
 def test_every_scope_is_in_the_account() -> None:
     assert {s.role for s in SCOPES} <= set(trust._SEEDS)
+
+
+def test_nats_tls_builds_a_verifying_client_context(tmp_path: Path) -> None:
+    from kiln_testing.natsauth import make_ca
+
+    ca = make_ca(tmp_path / "ca")
+    tls = client.NatsTls(ca.root / "ca.pem", ca.root / "client.pem", ca.root / "client-key.pem")
+    ctx = tls.context()
+    assert ctx is not None and ctx.verify_mode.name == "CERT_REQUIRED" and ctx.check_hostname
+    assert client.NatsTls.from_env(tls.env()) == tls
+    assert client.connect_options(None, None, tls)["tls"] is not None and client.connect_options(None, None) == {}
+    with pytest.raises(ValueError, match="needs its key"):
+        client.NatsTls(ca.root / "ca.pem", ca.root / "client.pem")
+    with pytest.raises(ValueError, match="no NATS server"):
+        client.servers(" , ")

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nats.js import JetStreamContext
 
@@ -31,11 +35,70 @@ def inbox_prefix(configured: str | None, creds_file: Path | None, role: Role) ->
     return configured or (role.inbox if creds_file is not None else None)
 
 
-def connect_options(creds_file: Path | None, inbox: str | None) -> dict[str, str]:
+TLS_ENV = ("KILN_NATS_TLS_CA_FILE", "KILN_NATS_TLS_CERT_FILE", "KILN_NATS_TLS_KEY_FILE")
+
+
+def servers(url: str) -> list[str]:
+    """Every server of a comma-separated NATS URL list: clients take them all and reconnect to a surviving one.
+
+    Example:
+        >>> servers("nats://n1:4222, nats://n2:4222,"), servers("tls://n1:4222")
+        (['nats://n1:4222', 'nats://n2:4222'], ['tls://n1:4222'])
+    """
+    found = [u.strip() for u in url.split(",") if u.strip()]
+    if not found:
+        raise ValueError("no NATS server URL given")
+    return found
+
+
+@dataclass(frozen=True)
+class NatsTls:
+    """TLS of a NATS client: the CA that signed the servers' certificates, and for servers that verify clients
+    (mutual TLS) this host's certificate and key.  Files, re-read at every connect: a renewal needs no restart.
+
+    Example:
+        >>> NatsTls().context() is None, NatsTls.from_env({"KILN_NATS_TLS_CA_FILE": "/etc/kiln/ca.pem"}).ca_file
+        (True, PosixPath('/etc/kiln/ca.pem'))
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a NATS client certificate needs its key file too (and the other way round)")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> NatsTls:
+        """From ``KILN_NATS_TLS_CA_FILE`` / ``_CERT_FILE`` / ``_KEY_FILE`` (what a runner hands its trainers)."""
+        ca, cert, key = (Path(env[k]) if env.get(k) else None for k in TLS_ENV)
+        return cls(ca, cert, key)
+
+    def env(self) -> dict[str, str]:
+        """The variables :meth:`from_env` reads, for the ones set."""
+        files = (self.ca_file, self.cert_file, self.key_file)
+        return {k: str(v) for k, v in zip(TLS_ENV, files, strict=True) if v is not None}
+
+    def context(self) -> ssl.SSLContext | None:
+        """The client context, or None when nothing is set (then a ``tls://`` URL uses the system's CAs)."""
+        if self.ca_file is None and self.cert_file is None:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file is not None and self.key_file is not None:
+            ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
+        return ctx
+
+
+def connect_options(creds_file: Path | None, inbox: str | None, tls: NatsTls | None = None) -> dict[str, Any]:
     """``nats.connect`` keywords: only those set, so that without an identity it connects exactly as before."""
-    options = {"user_credentials": str(creds_file)} if creds_file is not None else {}
+    options: dict[str, Any] = {"user_credentials": str(creds_file)} if creds_file is not None else {}
     if inbox:
         options["inbox_prefix"] = inbox
+    context = tls.context() if tls is not None else None
+    if context is not None:
+        options["tls"] = context
     return options
 
 
