@@ -5,7 +5,9 @@ import asyncio
 import nats
 from sqlalchemy import func, select
 
-from kiln_contracts import EpochCompleted, Event, JobFinished, JobStatus, JobStatusChanged, LogBatch, LogLine, streams
+from kiln_contracts import (
+    EpochCompleted, Event, JobFinished, JobStatus, JobStatusChanged, LogBatch, LogLine, MetricsLogged, streams,
+)
 from kiln_metrics_writer.main import run
 from kiln_metrics_writer.settings import Settings
 from kiln_store import job_status, logs, make_engine, metric_events, status_events, upgrade
@@ -95,18 +97,28 @@ async def test_poison_messages_go_to_the_dead_letter_stream_and_the_batch_goes_o
     task = asyncio.create_task(run(Settings(nats_url=nats_server.url, database_url=db_url, batch_ms=20), stop))
     good = Event.new(job_id="job2", project="p", attempt=1, seq=1, source="trainer",
                      data=EpochCompleted(epoch=1, epochs=1, metrics={"m": 1.0}))
+    # Another job's events on job2's subjects (a trainer may publish only on its own job's): never stored.
+    forged = Event.new(job_id="victim", project="p", attempt=1, seq=1, source="runner",
+                       data=JobFinished(status=JobStatus.completed, reason="forged"))
+    points = MetricsLogged(step=1, metrics={"m": 2.0})
+    forged_points = Event.new(job_id="victim", project="p", attempt=1, seq=2, source="trainer", data=points)
     await js.publish("kiln.evt.p.job2.epoch", b"{not json")
     await js.publish("kiln.evt.p.job2.epoch", b'{"v": 99, "id": "x"}')
+    await js.publish("kiln.evt.p.job2.finished", forged.to_bytes(), headers=forged.headers())
+    await js.publish("kiln.evt.p.job2.metrics", forged_points.to_bytes(), headers=forged_points.headers())
     await js.publish(good.subject, good.to_bytes(), headers=good.headers())
     try:
         assert await _wait_for(lambda: _has(engine, metric_events, 1))
         sub = await js.pull_subscribe("kiln.dlq.>", stream="KILN_DLQ")
-        msgs = await sub.fetch(2, timeout=5)
-        assert len(msgs) == 2
+        msgs = await sub.fetch(4, timeout=5)
+        assert len(msgs) == 4
         assert msgs[0].data == b"{not json"
         assert msgs[0].headers["Kiln-Stream-Seq"] == "1"
         assert "invalid event" in msgs[0].headers["Kiln-Reason"]
         assert msgs[1].headers["Kiln-Stream-Seq"] == "2"
+        for msg, ev in zip(msgs[2:], (forged, forged_points), strict=True):
+            assert msg.headers["Kiln-Reason"].endswith(f"names {ev.subject} but came on {msg.headers['Kiln-Subject']}")
+        assert await _count(engine, status_events) == 0 and await _count(engine, metric_events) == 1
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

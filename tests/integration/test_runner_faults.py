@@ -281,3 +281,39 @@ async def test_a_failure_in_retry_on_is_retried_after_its_backoff_and_a_user_err
         r.kill(signal.SIGKILL)
         r.proc.wait()
         await nc.close()
+
+
+SMUGGLER = """
+import json, os, pathlib
+from kiln_contracts import EpochCompleted, Event, JobFinished, JobStatus
+job, project = os.environ["KILN_JOB_ID"], os.environ["KILN_PROJECT"]
+own = Event.new(job_id=job, project=project, attempt=1, seq=1, source="trainer",
+                data=EpochCompleted(epoch=1, epochs=1, metrics={"m": 1.0}))
+forged = [Event.new(job_id="victim", project=project, attempt=1, seq=1, source="runner",
+                    data=JobFinished(status=JobStatus.completed, reason="forged")),
+          Event.new(job_id=job, project="other-project", attempt=1, seq=2, source="trainer",
+                    data=EpochCompleted(epoch=1, epochs=1, metrics={"m": 9.0}))]
+spool = pathlib.Path(os.environ["KILN_SPOOL_DIR"])
+spool.mkdir(parents=True, exist_ok=True)
+with open(spool / "events.jsonl", "ab") as fh:
+    for ev in (forged[0], own, forged[1]):
+        fh.write(ev.to_bytes() + b"\\n")
+pathlib.Path(os.environ["KILN_JOB_DIR"], "ids.json").write_text(json.dumps([own.id] + [f.id for f in forged]))
+"""
+
+
+async def test_a_trainer_cannot_smuggle_another_jobs_events_through_its_spool(bus, runners, dataset, tmp_path):
+    """The runner replays a trainer's spool with its own, wider identity: only the trainer's own job's events leave;
+    another job's, or its own job under another project, are kept aside (rejected.jsonl), never published."""
+    nc, js, log = bus
+    runners("a", trainer_cmd=[sys.executable, "-c", SMUGGLER]).wait_ready()
+    await publish_start(js, "smuggler", spec(dataset, seconds=1))
+    await log.wait(lambda: log.finished("smuggler"), timeout=20)
+    job_dir = tmp_path / "runners" / "a" / "jobs" / "smuggler-1"
+    own, *forged = json.loads((job_dir / "ids.json").read_text())
+    await log.wait(lambda: any(e.id == own for e in log.of("smuggler")), timeout=10)
+    seen = {e.id for e in log.events}
+    assert own in seen and not seen & set(forged)
+    assert log.of("victim") == []
+    rejected = (job_dir / "spool" / "rejected.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["id"] for line in rejected) == sorted(forged)

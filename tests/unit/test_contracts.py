@@ -97,3 +97,11 @@ def test_committed_docs_are_current():
         "docs/asyncapi.json is stale: run python -m kiln_contracts.docs docs"
     assert json.loads((docs / "events.schema.json").read_text()) == json.loads(json.dumps(events_schema())), \
         "docs/events.schema.json is stale: run python -m kiln_contracts.docs docs"
+
+
+def test_events_doctests() -> None:
+    import doctest
+
+    from kiln_contracts import events
+
+    assert doctest.testmod(events).failed == 0

@@ -193,6 +193,30 @@ class Event(BaseModel):
             return subjects.log(self.project, self.job_id)
         return subjects.event(self.project, self.job_id, self.data.kind)
 
+    def misaddressed(self, subject: str) -> str | None:
+        """Why this event must not be believed when it came on ``subject`` (None: it belongs there).
+
+        NATS checks who may publish on a subject, never what the payload says: a trainer's identity may publish
+        only on its own job's subjects, so an event is that job's only if the subject it came on is the one its
+        envelope names.  Every consumer checks this before it stores or relays anything.
+
+        Example:
+            >>> ev = Event.new(job_id="j1", project="p1", attempt=1, seq=1, source="trainer",
+            ...                data=JobFinished(status=JobStatus.completed))
+            >>> ev.misaddressed("kiln.evt.p1.j1.finished") is None
+            True
+            >>> ev.misaddressed("kiln.evt.p1.j2.finished").endswith("names kiln.evt.p1.j1.finished but came on "
+            ...                                                 "kiln.evt.p1.j2.finished")
+            True
+        """
+        try:
+            expected = self.subject
+        except ValueError as exc:  # an id that cannot be a subject token: it came on no subject of its own
+            return f"event {self.id} names no valid subject: {exc}"
+        if subject == expected:
+            return None
+        return f"event {self.id} names {expected} but came on {subject}"
+
     def headers(self) -> dict[str, str]:
         return {"Nats-Msg-Id": self.id}
 

@@ -20,6 +20,7 @@ Example (runner side, after the trainer exited)::
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, ServiceUnavailableError
 
+_log = logging.getLogger("kiln.sdk.spool")
 Message = tuple[str, bytes, str]
 """``(subject, payload, msg_id)``."""
 
@@ -136,9 +138,17 @@ class Spool:
                 self._fh = None
 
 
-def message_of(line: bytes) -> Message:
-    """Subject, payload and msg id of one spooled event line (raises on a line that is not an Event)."""
+Owner = tuple[str, str]  # (project, job_id) a spool's events must belong to
+
+
+def message_of(line: bytes, owner: Owner | None = None) -> Message:
+    """Subject, payload and msg id of one spooled event line (raises on a line that is not an Event, or, with
+    ``owner``, on an event of another job: a runner replays a trainer's spool with its own, wider rights, so a
+    trainer must not be able to smuggle anything but its own job's events through it)."""
     ev = Event.model_validate_json(line)
+    if owner is not None and (ev.project, ev.job_id) != owner:
+        raise ValueError(f"event {ev.id} of job {ev.job_id} (project {ev.project}) in the spool of job {owner[1]} "
+                         f"(project {owner[0]}): refused")
     return ev.subject, line, ev.id
 
 
@@ -208,7 +218,8 @@ async def publish_batch(js: JetStreamContext, messages: Sequence[Message], timeo
 
 
 async def drain_spool(
-    js: JetStreamContext, spool: Spool, timeout: float = 5.0, chunk: int = 1000, max_chunks: int | None = None
+    js: JetStreamContext, spool: Spool, timeout: float = 5.0, chunk: int = 1000, max_chunks: int | None = None,
+    owner: Owner | None = None,
 ) -> tuple[int, bool]:
     """Publish the spool's pending lines in order, committing after each acknowledged chunk.
 
@@ -220,6 +231,7 @@ async def drain_spool(
         timeout: Seconds to wait for the acks of one chunk.
         chunk: Lines per chunk (all in flight at once).
         max_chunks: Stop after this many chunks (lets a caller interleave other work); ``None``: no limit.
+        owner: ``(project, job_id)``: lines of any other job are rejected, not published (see :func:`message_of`).
 
     Returns:
         ``(published, failed)``: lines acknowledged, and whether a publish failed (the failed line and every
@@ -234,8 +246,10 @@ async def drain_spool(
         messages: list[Message | None] = []
         for line, _ in lines:
             try:
-                messages.append(message_of(line))
-            except Exception:  # noqa: BLE001 - unparseable line: keep it aside and go on
+                messages.append(message_of(line, owner))
+            except Exception as exc:  # noqa: BLE001 - unparseable or another job's: keep it aside and go on
+                if owner is not None and isinstance(exc, ValueError) and "refused" in str(exc):
+                    _log.warning("spool %s: %s", spool.folder, exc)
                 messages.append(None)
         errors = iter(await publish_batch(js, [m for m in messages if m is not None], timeout))
         ok_to = spool.offset
@@ -276,7 +290,8 @@ def auth_options(user_credentials: str | os.PathLike[str] | None, inbox_prefix: 
 
 
 async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: float = 10.0, *,
-                 user_credentials: str | os.PathLike[str] | None = None, inbox_prefix: str | None = None) -> int:
+                 user_credentials: str | os.PathLike[str] | None = None, inbox_prefix: str | None = None,
+                 owner: Owner | None = None) -> int:
     """Publish what a trainer left in its spool (e.g. it was killed while NATS was unreachable).
 
     Also replays the spools of DDP workers inside ``spool_dir`` (see :func:`spool_folders`).  Deletes a spool when
@@ -288,6 +303,8 @@ async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: floa
         timeout: Seconds to wait for the acks of each chunk (and to connect).
         user_credentials: NATS ``.creds`` file to connect with (e.g. the runner's own); ``None``: none.
         inbox_prefix: The inbox prefix those credentials allow.
+        owner: ``(project, job_id)`` of the spool's job: other jobs' lines are rejected (give it whenever the
+            credentials reach wider than that job's own).
 
     Returns:
         Number of lines JetStream acknowledged (a line already stored is acknowledged and stored once).
@@ -324,7 +341,7 @@ async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: floa
         js = nc.jetstream(timeout=timeout)
         for spool in pending:
             try:
-                n, bad = await drain_spool(js, spool, timeout=timeout)
+                n, bad = await drain_spool(js, spool, timeout=timeout, owner=owner)
                 published += n
                 failed |= bad
             finally:

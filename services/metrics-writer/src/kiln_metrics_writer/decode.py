@@ -20,7 +20,9 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from kiln_contracts import ArtifactStored, EpochCompleted, Event, JobFinished, JobStatusChanged, LogBatch, MetricsLogged
+from kiln_contracts import (
+    ArtifactStored, EpochCompleted, Event, JobFinished, JobStatusChanged, LogBatch, MetricsLogged, subjects,
+)
 
 INT32 = 2**31 - 1
 INT64 = 2**63 - 1
@@ -45,6 +47,7 @@ class _MetricsEnvelope(BaseModel):
     id: str = Field(..., min_length=1, max_length=128)
     time: datetime
     job_id: str = Field(..., min_length=1, max_length=64)
+    project: str = Field(..., min_length=1, max_length=128)
     attempt: int = Field(1, ge=1, le=INT32)
     data: _Data
 
@@ -78,13 +81,14 @@ def decode(subject: str, data: bytes) -> Decoded:
             pass  # maybe valid for the full model (lax types, non-finite values): try it below
         else:
             d = env.data
-            if has_utc(env.time):
+            own = subjects.EVENT_ADDRESS.format(project=env.project, job_id=env.job_id) % "metrics"
+            if has_utc(env.time) and subject == own:  # else the full check below says why not
                 return Points(env.id, env.job_id, env.attempt, env.time, d.step, d.metrics, data)
     try:
         ev = Event.model_validate_json(data)
     except (ValidationError, ValueError) as exc:
         raise Poison(f"invalid event: {str(exc)[:300]}") from None
-    problem = unfit(ev)
+    problem = ev.misaddressed(subject) or unfit(ev)  # another job's event on this job's subject: never stored
     if problem:
         raise Poison(problem)
     # A NUL can only be in the JSON as the escape \u0000 (JSON has no raw control characters): the check is cheap.

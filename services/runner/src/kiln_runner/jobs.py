@@ -398,5 +398,5 @@ class RunningJob:
         """
         if self.spools is None:
             return
-        self.spools.adopt_trainer_spool(self.dir)
+        self.spools.adopt_trainer_spool(self.dir, (self.cmd.spec.project, self.cmd.job_id))
         await self.spools.drain_once()

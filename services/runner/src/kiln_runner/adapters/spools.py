@@ -14,7 +14,8 @@ import asyncio
 import logging
 from pathlib import Path
 
-from kiln_sdk.spool import Spool, drain_spool, spool_folders
+from kiln_contracts import StartJob
+from kiln_sdk.spool import Owner, Spool, drain_spool, spool_folders
 from nats.js import JetStreamContext
 
 log = logging.getLogger("kiln.runner")
@@ -26,6 +27,7 @@ class SpoolDrainer:
     def __init__(self, js: JetStreamContext, jobs_dir: Path, interval_s: float = 2.0) -> None:
         self.js, self.jobs_dir, self.interval_s = js, jobs_dir, interval_s
         self._spools: dict[Path, Spool] = {}
+        self._owners: dict[Path, Owner] = {}  # a trainer spool's job: only its events leave through it
         self._live: set[Path] = set()  # spools a running attempt appends to: kept even when empty
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # one drain at a time: two would commit each other's offsets
@@ -46,10 +48,19 @@ class SpoolDrainer:
         """The attempt has ended: once its spool is published it is forgotten."""
         self._live.discard(folder.resolve())
 
-    def adopt_trainer_spool(self, job_dir: Path) -> None:
-        """A trainer has exited: whatever it left in its spool (and its DDP workers') is ours to publish."""
+    def adopt_trainer_spool(self, job_dir: Path, owner: Owner | None = None) -> None:
+        """A trainer has exited: what it left in its spool (and its DDP workers') is ours to publish, but only its
+        own job's events: this runner's identity reaches further than the trainer's (docs/nats-auth.md).  The job
+        is the attempt's (``owner``), or after a restart the one in the ``job.json`` the runner wrote before the
+        spawn, which must name the folder's job and attempt; without one nothing of the spool leaves."""
+        owner = owner or job_owner(job_dir)
         for folder in spool_folders(job_dir / TRAINER_SPOOL):
+            if owner is None:
+                log.warning("spool %s: no readable job.json beside it, so no job it may speak for: kept, not "
+                            "published", folder)
+                continue
             sp = self.spool(folder)
+            self._owners[folder.resolve()] = owner
             sp.reject_torn_tail()  # its writer is gone: a half-written last line can never be completed
         self._wake.set()
 
@@ -77,9 +88,10 @@ class SpoolDrainer:
                 if not sp.pending:
                     if folder not in self._live:
                         del self._spools[folder]  # published, and nobody writes to it any more
+                        self._owners.pop(folder, None)
                     continue
                 try:
-                    sent, failed = await drain_spool(self.js, sp, timeout=timeout)
+                    sent, failed = await drain_spool(self.js, sp, timeout=timeout, owner=self._owners.get(folder))
                 except Exception as exc:  # noqa: BLE001 - NATS away: the next pass tries again
                     log.debug("spool %s not drained yet: %s", folder, exc)
                     return False
@@ -99,6 +111,17 @@ class SpoolDrainer:
             except asyncio.TimeoutError:
                 pass
         await self.drain_once()  # a last pass on the way out; what is left waits for the next runner process
+
+
+def job_owner(job_dir: Path) -> Owner | None:
+    """``(project, job_id)`` of an attempt's folder, from the start command the runner wrote there (``job.json``)."""
+    try:
+        cmd = StartJob.model_validate_json((job_dir / "job.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    if job_dir.name != f"{cmd.job_id}-{cmd.attempt}":  # the runner names the folder: a rewritten job.json shows
+        return None
+    return cmd.spec.project, cmd.job_id
 
 
 def _order(item: tuple[Path, Spool]) -> tuple[str, int]:
