@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${KILN_VENV:-.venv}
 PACKAGES=(libs/contracts libs/store libs/trainer_sdk trainers/ultralytics services/api services/runner
-          services/metrics-writer services/notifier services/clearml-forwarder deploy/local)
+          services/metrics-writer services/notifier services/clearml-forwarder libs/client deploy/local)
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.kiln-stamp"
@@ -24,5 +24,8 @@ args=()
 for p in "${PACKAGES[@]}"; do args+=(-e "$p"); done
 echo "bootstrap: installing Kiln packages and test tools"
 "$VENV/bin/python" -m pip install -q "${args[@]}" -r requirements-dev.txt
+# `kiln` moved from kiln-local to kiln-client: upgrading an older venv removes kiln-local's copy after kiln-client
+# wrote its own, so put it back.
+[ -x "$VENV/bin/kiln" ] || "$VENV/bin/python" -m pip install -q --no-deps -e libs/client
 echo "$want" > "$stamp"
 echo "bootstrap: done ($VENV)"

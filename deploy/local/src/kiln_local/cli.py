@@ -1,4 +1,8 @@
-"""The ``kiln`` command: ``up`` runs every service on this machine; ``demo`` runs a real training end to end."""
+"""``kiln up`` runs every service on this machine; ``kiln demo`` runs a real training end to end.
+
+These are the local commands of ``kiln`` (the command itself is kiln-client's): this package adds them through the
+``kiln.cli`` entry point (:func:`register`), so a laptop with kiln-client alone has the remote commands only.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +12,44 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import httpx
+import typer
 
 from .follow import follow
 from .stack import Stack, StackConfig
 from .supervision import GROUP, RUNNER_STOP_WAIT_S
 from .synth import make_detection_dataset
 
-
-def _stack_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", type=Path, default=Path("var"), help="state: NATS store, SQLite DB, logs, runs")
-    p.add_argument("--host", default="127.0.0.1", help="interface for the API and notifier (default loopback only)")
-    p.add_argument("--api-port", type=int, default=8000)
-    p.add_argument("--notifier-port", type=int, default=8001)
-    p.add_argument("--nats-url", default=None, help="use this NATS instead of the bundled nats-server")
-    p.add_argument("--nats-port", type=int, default=14222, help="port of the bundled nats-server")
-    p.add_argument("--db-url", default=None, help="database URL (default: SQLite in the data dir); "
-                   "e.g. postgresql+asyncpg://user@host/db")
-    p.add_argument("--runners", type=int, default=1)
-    p.add_argument("--slots", type=int, default=1, help="trainers per runner")
-    p.add_argument("--clearml", default=None, metavar="CONF|offline",
-                   help="also mirror jobs into ClearML: a clearml.conf path, or 'offline' (sessions under the data dir)")
+# The options of both commands (the same names and defaults as before they moved to typer).
+DataDir = Annotated[Path, typer.Option(help="state: NATS store, SQLite DB, logs, runs")]
+Host = Annotated[str, typer.Option(help="interface for the API and notifier (default loopback only)")]
+ApiPort = Annotated[int, typer.Option()]
+NotifierPort = Annotated[int, typer.Option()]
+NatsUrl = Annotated[str | None, typer.Option(
+    help="use this NATS instead of the bundled nats-server", show_default=False)]
+NatsCredsDir = Annotated[Path | None, typer.Option(
+    help="with --nats-url: the services' NATS creds (a trust dir or <role>.creds files)", show_default=False)]
+NatsPort = Annotated[int, typer.Option(help="port of the bundled nats-server")]
+DbUrl = Annotated[str | None, typer.Option(
+    help="database URL (default: SQLite in the data dir); e.g. postgresql+asyncpg://user@host/db",
+    show_default=False)]
+Runners = Annotated[int, typer.Option()]
+Slots = Annotated[int, typer.Option(help="trainers per runner")]
+ClearML = Annotated[str | None, typer.Option(
+    metavar="CONF|offline", show_default=False,
+    help="also mirror jobs into ClearML: a clearml.conf path, or 'offline' (sessions under the data dir)")]
 
 
 def _config(a: argparse.Namespace, quiet: bool = True) -> StackConfig:
+    creds = getattr(a, "nats_creds_dir", None)
+    if creds is not None and a.nats_url is None:
+        raise typer.BadParameter("goes with --nats-url: the bundled nats-server makes its own creds",
+                                 param_hint="--nats-creds-dir")
     return StackConfig(data_dir=a.data_dir, host=a.host, api_port=a.api_port, notifier_port=a.notifier_port,
-                       nats_url=a.nats_url, nats_port=a.nats_port, db_url=a.db_url, runners=a.runners,
-                       runner_slots=a.slots, clearml=a.clearml, quiet=quiet)
+                       nats_url=a.nats_url, nats_creds_dir=creds, nats_port=a.nats_port, db_url=a.db_url,
+                       runners=a.runners, runner_slots=a.slots, clearml=a.clearml, quiet=quiet)
 
 
 def _ctl(stack: Stack) -> str:
@@ -60,6 +74,7 @@ def _where(stack: Stack) -> str:
             f"  Key      {stack.owner_key_file}   (the owner's API key, mode 0600: sign in to the page with it,\n"
             f"           or send it as 'Authorization: Bearer ...')\n"
             f"  Web      {stack.api_url}/\n"
+            f"  CLI      kiln login {stack.api_url} < {stack.owner_key_file}   (then kiln train, jobs, follow, ...)\n"
             f"  Live     {stack.ws_url}/api/v1/ws/jobs/<job_id>\n"
             f"  NATS     {stack.nats_url}\n"
             f"  Database {_without_password(stack.db_url)}\n"
@@ -141,21 +156,36 @@ def cmd_demo(a: argparse.Namespace) -> int:
         return 0 if fin["status"] == "completed" else 1
 
 
+def up(data_dir: DataDir = Path("var"), host: Host = "127.0.0.1", api_port: ApiPort = 8000,
+       notifier_port: NotifierPort = 8001, nats_url: NatsUrl = None, nats_creds_dir: NatsCredsDir = None,
+       nats_port: NatsPort = 14222, db_url: DbUrl = None, runners: Runners = 1, slots: Slots = 1,
+       clearml: ClearML = None) -> None:
+    """Run every Kiln service on this machine (Ctrl-C stops them all)."""
+    raise typer.Exit(cmd_up(argparse.Namespace(**locals())))
+
+
+def demo(data_dir: DataDir = Path("var"), host: Host = "127.0.0.1", api_port: ApiPort = 8000,
+         notifier_port: NotifierPort = 8001, nats_url: NatsUrl = None, nats_creds_dir: NatsCredsDir = None,
+         nats_port: NatsPort = 14222, db_url: DbUrl = None, runners: Runners = 1, slots: Slots = 1,
+         clearml: ClearML = None, epochs: Annotated[int, typer.Option()] = 3,
+         logs: Annotated[bool, typer.Option("--logs", help="also print the trainer's log lines")] = False,
+         keep: Annotated[bool, typer.Option("--keep", help="keep the services running afterwards")] = False,
+         timeout: Annotated[float, typer.Option()] = 900.0) -> None:
+    """Start Kiln, train YOLO on a synthetic dataset, follow it live."""
+    raise typer.Exit(cmd_demo(argparse.Namespace(**locals())))
+
+
+def register(app: typer.Typer) -> None:
+    """The ``kiln.cli`` entry point: adds ``up`` and ``demo`` to the ``kiln`` command."""
+    app.command()(up)
+    app.command()(demo)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    up = sub.add_parser("up", help="run every Kiln service on this machine")
-    _stack_args(up)
-    up.set_defaults(fn=cmd_up)
-    demo = sub.add_parser("demo", help="start Kiln, train YOLO on a synthetic dataset, follow it live")
-    _stack_args(demo)
-    demo.add_argument("--epochs", type=int, default=3)
-    demo.add_argument("--logs", action="store_true", help="also print the trainer's log lines")
-    demo.add_argument("--keep", action="store_true", help="keep the services running afterwards")
-    demo.add_argument("--timeout", type=float, default=900.0)
-    demo.set_defaults(fn=cmd_demo)
-    a = parser.parse_args(argv)
-    sys.exit(a.fn(a))
+    """``kiln`` with every command (kiln-client's, which loads these through the entry point)."""
+    from kiln_client.cli import main as kiln
+
+    sys.exit(kiln(argv))
 
 
 if __name__ == "__main__":
