@@ -98,6 +98,10 @@ async def test_a_ticketed_live_socket_goes_through_the_proxy(proxied: tuple[Stac
                                   subprotocols=["kiln.v1", f"kiln.ticket.{ticket}"]) as ws:  # type: ignore[list-item]
         assert ws.subprotocol == "kiln.v1"
         await authorized(ws)
+    # The page's own socket (several jobs and projects on one connection) has no path after /ws.
+    async with websockets.connect(url.rsplit("/jobs/", 1)[0], ssl=tls, origin=public,
+                                  subprotocols=["kiln.v1", f"kiln.ticket.{ticket}"]) as ws:  # type: ignore[list-item]
+        await authorized(ws)
     # The notifier only takes the page's origin, through the proxy too.
     with pytest.raises(websockets.InvalidStatus):
         async with websockets.connect(url, ssl=tls, origin="https://evil.example",
