@@ -32,6 +32,9 @@ NatsUrl = Annotated[str | None, typer.Option(
 NatsCredsDir = Annotated[Path | None, typer.Option(
     help="with --nats-url: the services' NATS creds (a trust dir or <role>.creds files)", show_default=False)]
 NatsPort = Annotated[int, typer.Option(help="port of the bundled nats-server")]
+PublicUrl = Annotated[str | None, typer.Option(
+    help="https://... where a TLS proxy serves the API and the notifier (deploy/proxy/nginx.conf): the page opens "
+         "its sockets there and the notifier accepts that origin", show_default=False)]
 DbUrl = Annotated[str | None, typer.Option(
     help="database URL (default: SQLite in the data dir); e.g. postgresql+asyncpg://user@host/db",
     show_default=False)]
@@ -49,7 +52,8 @@ def _config(a: argparse.Namespace, quiet: bool = True) -> StackConfig:
                                  param_hint="--nats-creds-dir")
     return StackConfig(data_dir=a.data_dir, host=a.host, api_port=a.api_port, notifier_port=a.notifier_port,
                        nats_url=a.nats_url, nats_creds_dir=creds, nats_port=a.nats_port, db_url=a.db_url,
-                       runners=a.runners, runner_slots=a.slots, clearml=a.clearml, quiet=quiet)
+                       runners=a.runners, runner_slots=a.slots, clearml=a.clearml, quiet=quiet,
+                       public_url=getattr(a, "public_url", None))
 
 
 def _ctl(stack: Stack) -> str:
@@ -159,8 +163,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def up(data_dir: DataDir = Path("var"), host: Host = "127.0.0.1", api_port: ApiPort = 8000,
        notifier_port: NotifierPort = 8001, nats_url: NatsUrl = None, nats_creds_dir: NatsCredsDir = None,
        nats_port: NatsPort = 14222, db_url: DbUrl = None, runners: Runners = 1, slots: Slots = 1,
-       clearml: ClearML = None) -> None:
+       clearml: ClearML = None, public_url: PublicUrl = None) -> None:
     """Run every Kiln service on this machine (Ctrl-C stops them all)."""
+    if public_url is not None and not public_url.startswith("https://"):
+        raise typer.BadParameter("the proxy must serve HTTPS (the session cookie is Secure)",
+                                 param_hint="--public-url")
     raise typer.Exit(cmd_up(argparse.Namespace(**locals())))
 
 
