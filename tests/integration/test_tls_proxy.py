@@ -73,6 +73,8 @@ def test_rest_and_the_page_sign_in_go_through_the_proxy(proxied: tuple[Stack, st
         me = c.get("/api/v1/me", headers={"Authorization": f"Bearer {stack.owner_key()}"})
         assert me.status_code == 200 and me.json()["is_owner"], me.text
         assert c.get("/").headers["strict-transport-security"].startswith("max-age=")
+        assert [c.get(path).status_code for path in ("/metrics", "/livez", "/readyz", "/healthz")] == [404] * 4
+        assert httpx.get(f"{stack.api_url}/healthz").status_code == 200  # on the API's own port they answer
         r = c.post("/api/v1/session", json={"api_key": stack.owner_key()})
         assert r.status_code == 200, r.text
         cookie = r.headers["set-cookie"].lower()
