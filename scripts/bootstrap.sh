@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${KILN_VENV:-.venv}
-PACKAGES=(libs/contracts libs/store libs/trainer_sdk trainers/ultralytics services/api services/runner
+PACKAGES=(libs/contracts libs/observability libs/store libs/trainer_sdk trainers/ultralytics services/api services/runner
           services/metrics-writer services/notifier services/clearml-forwarder libs/client deploy/local)
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"

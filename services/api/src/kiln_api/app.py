@@ -14,7 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from kiln_contracts import JobSpec, StartJob
+from kiln_contracts import JobSpec, StartJob, streams
+from kiln_observability import Observability, database, job_context
+from kiln_observability.asgi import add_routes
 from kiln_store import make_engine, upgrade
 
 from . import errors
@@ -27,6 +29,7 @@ from .auth.bootstrap import ensure_owner
 from .auth.oidc import OIDCVerifier
 from .auth.oidc_login import OIDCLogin
 from .limits import BodySizeLimit
+from .metrics import ApiMetrics, RequestMetrics, route_templates
 from .routes import accounts, artifacts, event_credentials, jobs, session
 from .settings import Settings
 
@@ -45,7 +48,8 @@ async def _sweep(app: FastAPI, settings: Settings) -> None:
                 cmd = StartJob(job_id=job["id"], attempt=job["attempt"], spec=JobSpec.model_validate(job["spec"]),
                                issued_at=job["submitted_at"])
                 await app.state.bus.publish_start(cmd)
-                log.info("republished start of %s attempt %s", job["id"], job["attempt"])
+                with job_context(cmd.job_id, cmd.attempt, cmd.spec.project):
+                    log.info("republished start of %s attempt %s", job["id"], job["attempt"])
             async with app.state.engine.connect() as conn:
                 records = await audit.unpublished(conn)
                 await audit.publish(conn, app.state.bus, *records)
@@ -57,6 +61,10 @@ async def _sweep(app: FastAPI, settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    obs = Observability()  # no server of its own: /metrics, /livez, /readyz are routes of this app
+    connected: list[bool] = []  # ready only once the lifespan has connected (NATS and the database)
+    obs.health.add("started", lambda: bool(connected))
+    obs.health.add("nats", lambda: bool(connected) and app.state.bus.nc.is_connected)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,10 +77,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                           settings.streams_wait_s)
         if app.state.event_creds is None:
             log.info("third-party event credentials off: no NATS trust directory (KILN_API_NATS_TRUST_DIR)")
+        obs.health.add("database", database(app.state.engine))
+        # Streams the API may read (its identity's STREAM.INFO rights); the durables are their owners' to report.
+        obs.watch_jetstream(app.state.bus.js, [s.name or "" for s in (streams.JOBS, streams.EVENTS, streams.AUDIT)],
+                            [])
+        await obs.start()
+        connected.append(True)
         sweeper = asyncio.create_task(_sweep(app, settings))
         try:
             yield
         finally:
+            obs.health.draining = True
+            await obs.stop()
             sweeper.cancel()
             await app.state.bus.close()
             await app.state.engine.dispose()
@@ -91,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             if settings.oidc_issuer and settings.oidc_client_id else None)
     app.state.rate_limiter = RateLimiter({"create": settings.create_rate_limit}, settings.rate_limit_storage)
     app.state.event_creds = None  # set in the lifespan when the NATS trust directory is configured
+    app.state.obs, app.state.metrics = obs, ApiMetrics(obs.registry)
     app.state.ticket_key = (settings.ticket_private_key_file.read_bytes() if settings.ticket_private_key_file
                             else None)
     app.add_exception_handler(RequestValidationError, errors.validation_error)
@@ -99,6 +116,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api.include_router(module.router)
     app.include_router(api)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics,  # outermost: a 413 is counted too
+                       templates=lambda: route_templates(app))
+    add_routes(app, obs.registry, obs.health)  # outside /api/v1: no credentials (keep it off public proxies)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:

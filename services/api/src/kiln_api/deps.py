@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .adapters.bus import Bus
 from .adapters.event_creds import ThirdPartyIssuer
+from .metrics import ApiMetrics
 from .settings import Settings
 
 NO_EVENT_CREDENTIALS = (
@@ -40,7 +41,12 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def _metrics(request: Request) -> ApiMetrics:
+    return request.app.state.metrics
+
+
 ConnDep = Annotated[AsyncConnection, Depends(_conn)]
+MetricsDep = Annotated[ApiMetrics, Depends(_metrics)]
 BusDep = Annotated[Bus, Depends(_bus)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 IssuerDep = Annotated[ThirdPartyIssuer, Depends(_issuer)]

@@ -69,6 +69,7 @@ class Settings(BaseSettings):
         "60/minute", description="Job creations (create, re-run) per API key or session, `limits` notation.")
     rate_limit_storage: str = Field(
         "memory://", description="Where rate limits are counted (memory://, or redis://... shared by replicas).")
+    log_level: str | None = Field(None, description="Python logging level; unset: KILN_LOG_LEVEL, else INFO.")
 
     @model_validator(mode="after")
     def _no_open_api_beyond_loopback(self) -> Settings:

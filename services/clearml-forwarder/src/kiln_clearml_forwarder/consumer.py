@@ -17,6 +17,8 @@ from kiln_contracts.service import dead_letter
 from kiln_contracts import Event
 from kiln_contracts.streams import Durable
 
+from .metrics import ForwarderMetrics
+
 log = logging.getLogger("kiln.clearml_forwarder")
 
 Submit = Callable[[Msg, Event], Awaitable[None]]
@@ -25,8 +27,9 @@ Submit = Callable[[Msg, Event], Awaitable[None]]
 class PullConsumer:
     """Fetches whatever arrived (up to ``batch``) and submits each event; acks are the lanes' business."""
 
-    def __init__(self, nc: NATS, durable: Durable, submit: Submit, *, batch: int, fetch_ms: int) -> None:
-        self.nc, self.durable, self.submit = nc, durable, submit
+    def __init__(self, nc: NATS, durable: Durable, submit: Submit, *, batch: int, fetch_ms: int,
+                 metrics: ForwarderMetrics | None = None) -> None:
+        self.nc, self.durable, self.submit, self.metrics = nc, durable, submit, metrics
         self.batch, self.fetch_s = batch, fetch_ms / 1000
         self._stop = asyncio.Event()
 
@@ -63,5 +66,9 @@ class PullConsumer:
                     ev = Event.model_validate_json(m.data)
                 except (ValidationError, ValueError) as exc:
                     await dead_letter(self.nc, name, m, f"invalid event: {str(exc)[:300]}")
+                    if self.metrics is not None:
+                        self.metrics.dead.labels(self.durable.stream).inc()
                     continue
                 await self.submit(m, ev)
+            if self.metrics is not None and msgs:
+                self.metrics.received.labels(self.durable.stream).inc(len(msgs))

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from kiln_contracts import Event
+from kiln_observability import job_context
 
 from . import handlers
 from .adapters.clearml import PermanentError
 from .domain import JobState, Op, apply, coalesce
+from .metrics import ForwarderMetrics
 
 log = logging.getLogger("kiln.clearml_forwarder")
 
@@ -41,8 +43,9 @@ class Timing:
 class Lane:
     """The forwarding of one job."""
 
-    def __init__(self, state: JobState, deps: handlers.Deps, timing: Timing, saved: dict[str, object] | None) -> None:
-        self.state, self.deps, self.timing = state, deps, timing
+    def __init__(self, state: JobState, deps: handlers.Deps, timing: Timing, saved: dict[str, object] | None,
+                 metrics: ForwarderMetrics | None = None) -> None:
+        self.state, self.deps, self.timing, self.metrics = state, deps, timing, metrics
         self.saved = saved  # the record the task map holds
         self.items: list[tuple[Msg, Event]] = []
         self.held: list[Msg] = []
@@ -87,6 +90,8 @@ class Lane:
                     await msg.ack()
                 except Exception as exc:  # noqa: BLE001 - redelivered later, and then recognised as seen
                     log.warning("job %s: ack failed: %s", self.state.job_id, exc)
+            if self.metrics is not None:
+                self.metrics.acked.inc(len(self.held))
             self.held.clear()
 
     async def _execute(self) -> bool:
@@ -103,6 +108,7 @@ class Lane:
                 if self.ops:
                     await handlers.run_op(self.state, self.ops[0], self.deps, self.keepalive)
                     self.ops.pop(0)
+                    self._count("ok")
                 else:  # every operation done: the map gets the job's new status
                     await self._save(self.state.record())
                 delay, self.failures = self.timing.backoff_initial_s, 0
@@ -112,14 +118,20 @@ class Lane:
                 if not self.ops:
                     raise
                 self.ops.pop(0)
+                self._count("refused")
                 self.opened = False  # look at the task again before the next one: it may have been deleted
             except Exception as exc:  # noqa: BLE001 - ClearML (or NATS KV) unavailable or slow: back off, retry
                 self.failures += 1
+                self._count("failed")
                 log.warning("job %s: ClearML call failed (%s: %s); retry %d in %.1fs", self.state.job_id,
                             type(exc).__name__, str(exc)[:200], self.failures, delay)
                 await self._sleep(delay)
                 delay = min(delay * 2, self.timing.max_backoff_s)
         return True
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.operations.labels(result).inc()
 
     def _record_changed(self) -> bool:
         return self.state.task_id is not None and self.state.record() != self.saved
@@ -158,8 +170,10 @@ def _blank(state: JobState) -> dict[str, object]:
 class Dispatcher:
     """Routes each message to its job's lane, starting lanes on demand and retiring idle ones."""
 
-    def __init__(self, deps: handlers.Deps, timing: Timing) -> None:
-        self.deps, self.timing = deps, timing
+    def __init__(self, deps: handlers.Deps, timing: Timing, metrics: ForwarderMetrics | None = None) -> None:
+        self.deps, self.timing, self.metrics = deps, timing, metrics
+        if metrics is not None:
+            metrics.active_jobs = lambda: len(self.lanes)
         self.lanes: dict[str, Lane] = {}
         self.retired: dict[str, tuple[float, Lane]] = {}
         self._loading: dict[str, asyncio.Future[Lane]] = {}
@@ -168,7 +182,8 @@ class Dispatcher:
         lane = self.lanes.get(ev.job_id) or await self._lane(ev)
         lane.put(msg, ev)
         if lane.task is None or lane.task.done():
-            lane.task = asyncio.create_task(lane.run(), name=f"clearml-lane-{ev.job_id}")
+            with job_context(ev.job_id, None, ev.project):  # the lane's lines name its job (of any attempt)
+                lane.task = asyncio.create_task(lane.run(), name=f"clearml-lane-{ev.job_id}")
             lane.task.add_done_callback(functools.partial(self._done, lane))
 
     async def _lane(self, ev: Event) -> Lane:
@@ -183,7 +198,7 @@ class Dispatcher:
             else:
                 rec = await self._get_record(ev.job_id)
                 state = JobState.from_record(ev.job_id, ev.project, rec) if rec else JobState(ev.job_id, ev.project)
-                lane = Lane(state, self.deps, self.timing, rec)
+                lane = Lane(state, self.deps, self.timing, rec, self.metrics)
             self.lanes[ev.job_id] = lane
             fut.set_result(lane)
             return lane

@@ -40,3 +40,9 @@ class Settings(BaseSettings):
     linger_s: float = Field(default=30.0, description="A finished job's task stays open this long for late logs.")
     idle_s: float = Field(default=600.0, description="An unfinished job's task is released after this long idle.")
     forget_s: float = Field(default=3600.0, description="A released job's seen event ids are kept this long.")
+    # Observability (docs/operations.md#metrics-health-and-logs)
+    metrics_host: str = Field(default="127.0.0.1", description="Interface of its /metrics, /livez, /readyz server.")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Port of that server; unset: no "
+                                     "server; 0: any free port (logged).")
+    log_level: str | None = Field(default=None, description="Python logging level; unset: KILN_LOG_LEVEL, else "
+                                  "INFO.")

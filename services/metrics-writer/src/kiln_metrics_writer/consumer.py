@@ -24,6 +24,8 @@ from kiln_contracts.service import dead_letter
 from kiln_contracts.streams import Durable
 
 from .decode import Decoded, Poison, decode
+from .domain import count_points
+from .metrics import WriterMetrics
 
 log = logging.getLogger("kiln.metrics_writer")
 
@@ -160,8 +162,9 @@ class BatchConsumer:
     KEEP_EVERY = 0.1  # ...checked this often: at worst half the ack wait passes between two of them
 
     def __init__(self, nc: NATS, durable: Durable, write: WriteFn, *, batch_size: int, batch_ms: int,
-                 max_backoff_s: float = 10.0, lanes: int = 1, max_held: int | None = None) -> None:
-        self.nc, self.durable, self.write = nc, durable, write
+                 max_backoff_s: float = 10.0, lanes: int = 1, max_held: int | None = None,
+                 metrics: WriterMetrics | None = None) -> None:
+        self.nc, self.durable, self.write, self.metrics = nc, durable, write, metrics
         self.batch_size, self.batch_s, self.max_backoff_s = batch_size, batch_ms / 1000, max_backoff_s
         self.lanes = max(1, lanes)
         cap = durable.config.max_ack_pending or 0
@@ -240,6 +243,8 @@ class BatchConsumer:
         for it in items:
             if isinstance(it.data, Poison):
                 await dead_letter(self.nc, name, it.msg, str(it.data))
+                if self.metrics is not None:
+                    self.metrics.dead.labels(self.durable.stream).inc()
             else:
                 msgs.append(it.msg)
                 decoded.append(it.data)
@@ -256,16 +261,24 @@ class BatchConsumer:
         delay = 0.2
         while True:
             try:
+                t0 = time.perf_counter()
                 await self.write(decoded)
+                if self.metrics is not None:  # per batch: nothing per event on the hot path but counting points
+                    self.metrics.committed(self.durable.stream, len(decoded), count_points(decoded),
+                                           time.perf_counter() - t0)
                 return msgs
             except Exception as exc:
                 if is_data_error(exc):
                     if len(decoded) == 1:
                         await dead_letter(self.nc, name, msgs[0], f"refused by the database: {str(exc)[:300]}")
+                        if self.metrics is not None:
+                            self.metrics.dead.labels(self.durable.stream).inc()
                         return []
                     half = len(decoded) // 2
                     return [*await self._write(name, msgs[:half], decoded[:half]),
                             *await self._write(name, msgs[half:], decoded[half:])]
                 log.warning("write of %d events failed (%s); retrying in %.1fs", len(decoded), exc, delay)
+                if self.metrics is not None:
+                    self.metrics.retries.labels(self.durable.stream).inc()
                 await asyncio.sleep(delay)  # meanwhile _keep_alive keeps the held messages ours
                 delay = min(delay * 2, self.max_backoff_s)

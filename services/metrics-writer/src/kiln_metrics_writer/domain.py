@@ -112,3 +112,22 @@ def project_status(current: dict[str, Any] | None, events: list[Event], now: dat
         return None
     row["updated_at"] = now
     return row
+
+
+def count_points(items: list[Decoded]) -> int:
+    """Metric values in a batch (what ``kiln_writer_points_written_total`` counts): one per metric of each
+    ``MetricsLogged`` and ``EpochCompleted``.
+
+    Example:
+        >>> from datetime import timezone
+        >>> p = Points("e1", "j1", 1, datetime.now(timezone.utc), 3, {"loss": 0.5, "lr": 0.01}, b"{}")
+        >>> count_points([p, p])
+        4
+    """
+    n = 0
+    for item in items:
+        if isinstance(item, Points):
+            n += len(item.metrics)
+        elif isinstance(item.data, (MetricsLogged, EpochCompleted)):
+            n += len(item.data.metrics)
+    return n

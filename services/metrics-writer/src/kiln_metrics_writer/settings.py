@@ -23,3 +23,8 @@ class Settings(BaseSettings):
     # (kiln_contracts.streams.writer_consumers, 5 s).
     ack_wait_s: float | None = None
     lanes: int = 2  # batches written at once per durable (each in its own transaction, acked after its commit)
+    # Observability (docs/operations.md#metrics-health-and-logs)
+    metrics_host: str = Field("127.0.0.1", description="Interface of its /metrics, /livez, /readyz server.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Port of that server; unset: no server "
+                                     "(the metrics are still kept); 0: any free port (logged).")
+    log_level: str | None = Field(None, description="Python logging level; unset: KILN_LOG_LEVEL, else INFO.")

@@ -11,10 +11,14 @@ from kiln_contracts.natsauth import permissions
 from nats.aio.client import Client as NATS
 
 from kiln_contracts.natsauth import client as identity
+from kiln_observability import Health, new_registry
+from kiln_observability.asgi import add_routes
+
 from .adapters.consumers import NamedConsumers
 from .adapters.jetstream import Fanout
 from .auth import Tickets
 from .handlers import Hub, router
+from .metrics import NotifierMetrics
 from .settings import NotifierSettings
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,10 @@ def create_app(settings: NotifierSettings) -> FastAPI:
 
     role = permissions.notifier()
     inbox = identity.inbox_prefix(settings.nats_inbox_prefix, settings.nats_creds_file, role)
+    registry, health = new_registry(), Health()
+    metrics = NotifierMetrics(registry)
+    connection: list[NATS] = []  # the lifespan's, once made: not ready before
+    health.add("nats", lambda: bool(connection) and connection[0].is_connected)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,17 +62,21 @@ def create_app(settings: NotifierSettings) -> FastAPI:
         except BaseException:
             await nc.close()
             raise
-        app.state.hub = Hub(
-            settings=settings, nc=nc, js=js, fanout=Fanout(js, idle_heartbeat=settings.consumer_idle_heartbeat_s),
-            tickets=tickets)
+        fanout = Fanout(js, idle_heartbeat=settings.consumer_idle_heartbeat_s)
+        app.state.hub = Hub(settings=settings, nc=nc, js=js, fanout=fanout, tickets=tickets, metrics=metrics)
+        metrics.feeds = lambda: len(fanout)
+        connection.append(nc)
         log.info("notifier connected to %s", nc.connected_url.netloc if nc.connected_url else settings.nats_url)
         try:
             yield
         finally:
+            health.draining = True
             await nc.close()
 
     app = FastAPI(title="Kiln notifier", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
+    add_routes(app, registry, health)  # /metrics, /livez, /readyz; /healthz stays in the router
+    app.state.registry, app.state.health, app.state.metrics = registry, health, metrics
     return app
 
 

@@ -14,6 +14,7 @@ from starlette.status import WS_1008_POLICY_VIOLATION
 from .adapters.jetstream import Fanout
 from .auth import TICKET_IN_URL, Tickets, offered_ticket
 from .domain import job_socket_op, origin_allowed
+from .metrics import NotifierMetrics
 from .session import Session
 from .settings import NotifierSettings
 
@@ -29,6 +30,7 @@ class Hub:
     js: JetStreamContext
     fanout: Fanout
     tickets: Tickets | None  # None: auth off
+    metrics: NotifierMetrics | None = None
 
 
 def http_hub(request: Request) -> Hub:
@@ -92,7 +94,9 @@ async def _authorized_session(websocket: WebSocket, hub: Hub) -> Session | None:
     # Accepted before any ticket is refused: a browser sees a 403 only as an anonymous 1006, but reads a close code.
     # Never the ticket is echoed: kiln.v1 only, or nothing for a client that did not offer it.
     await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
-    session = Session(websocket, hub.fanout, hub.settings, hub.tickets)
+    if hub.metrics is not None:
+        hub.metrics.connections.inc()
+    session = Session(websocket, hub.fanout, hub.settings, hub.tickets, hub.metrics)
     if problem is not None:
         await session.fail(problem, WS_1008_POLICY_VIOLATION)
         return None

@@ -44,6 +44,7 @@ from .domain import (
     subscribed_message,
     unsubscribed_message,
 )
+from .metrics import NotifierMetrics
 from .settings import NotifierSettings
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,10 @@ AUTH_OFF = "authentication is off on this notifier: no ticket to send"
 class Session:
     """The server side of one accepted WebSocket."""
 
-    def __init__(self, ws: WebSocket, fanout: Fanout, settings: NotifierSettings, tickets: Tickets | None) -> None:
+    def __init__(self, ws: WebSocket, fanout: Fanout, settings: NotifierSettings, tickets: Tickets | None,
+                 metrics: NotifierMetrics | None = None) -> None:
         self.ws = ws
+        self.metrics = metrics
         self.settings = settings
         self.tickets = tickets  # None: auth off
         self.grant: Grant | None = None
@@ -224,6 +227,8 @@ class Session:
         }
         if self.grant is not None:
             tasks.add(asyncio.create_task(self._watch_deadline(), name="deadline"))
+        if self.metrics is not None:
+            self.metrics.clients += 1
         try:
             if opening is not None:
                 failure = await self.subscribe(opening)
@@ -237,10 +242,14 @@ class Session:
                 task.cancel()
             # Collect every task so no exception goes unretrieved; a failed send means the client is gone.
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.metrics is not None:
+                self.metrics.clients -= 1
         if self._end is not None:
             reason, code = self._end
             await self._close(error_message(reason), code, reason[:120])
         elif self.outbox.overflowed.is_set():
+            if self.metrics is not None:
+                self.metrics.cut_off.inc()
             await self._close(overflow_message(self.outbox.cursor()), WS_1013_TRY_AGAIN_LATER, "too slow; resume")
 
     async def fail(self, reason: str, code: int = WS_1011_INTERNAL_ERROR) -> None:
@@ -248,10 +257,15 @@ class Session:
         await self._close(error_message(reason), code, reason[:120])
 
     async def _send_loop(self) -> None:
+        metrics = self.metrics
         while True:
             item = await self.outbox.get()
             await self.ws.send_text(item.text)
             self.outbox.mark_sent(item)
+            if metrics is not None:  # plain numbers: this runs per message and client
+                metrics.sent.inc(item.origin)
+                if item.origin == "live" and item.stored_at is not None:
+                    metrics.latency.observe(time.time() - item.stored_at)
 
     async def _receive_loop(self, on_text: OnText) -> None:
         while self._end is None:

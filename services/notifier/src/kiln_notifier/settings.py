@@ -69,7 +69,7 @@ class NotifierSettings(BaseSettings):
     consumer_idle_heartbeat_s: float = Field(
         5.0, gt=0, description="Idle heartbeat of the ordered consumers; a stalled consumer is recreated after 2."
     )
-    log_level: str = Field("INFO", description="Python logging level.")
+    log_level: str | None = Field(None, description="Python logging level; unset: KILN_LOG_LEVEL, else INFO.")
 
     _public_key: bytes | None = PrivateAttr(None)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from faststream.nats import NatsMessage
 from nats.aio.client import Client as NATS
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 
 from kiln_contracts.service import dead_letter
 from kiln_contracts import CancelJob, Event, ExitClass, JobFinished, JobStatus, StartJob, streams, utcnow
+from kiln_observability import job_context
 
 from .adapters.checkpoints import CheckpointFetcher
 from .adapters.datasets import DatasetCache
@@ -22,6 +24,7 @@ from .adapters.spools import SpoolDrainer
 from .adapters.trainer_creds import TrainerCreds
 from .domain import JobRef, invalid_reason, job_of_invalid_start
 from .jobs import RunningJob
+from .metrics import RunnerMetrics
 from .settings import Settings
 from .slots import Slots
 
@@ -31,8 +34,9 @@ RETRY_DELAY_S = 2.0  # a command the runner could not handle (bus or KV trouble)
 
 class Runner:
     def __init__(self, settings: Settings, nc: NATS, kv: KeyValue, registry: KeyValue | None = None, *,
-                 recheck: asyncio.Event | None = None) -> None:
+                 recheck: asyncio.Event | None = None, metrics: RunnerMetrics | None = None) -> None:
         self.settings, self.nc, self.kv, self.registry = settings, nc, kv, registry
+        self.metrics = metrics
         self.datasets = DatasetCache(settings.dataset_cache or settings.work_dir / "datasets", self._s3_client,
                                      settings.s3_allowed_buckets, lambda: settings.roots)
         self.checkpoints = CheckpointFetcher(settings.artifact_dir, settings.work_dir, settings.artifact_s3_uri,
@@ -49,6 +53,7 @@ class Runner:
 
     async def on_start(self, msg: NatsMessage) -> None:
         """Claim the attempt, take a slot, spawn, ack; return only once a slot is free again."""
+        received = time.perf_counter()
         raw: Msg = msg.raw_message
         try:
             cmd = StartJob.model_validate_json(raw.data)
@@ -56,13 +61,19 @@ class Runner:
             reason = invalid_reason(exc)
             try:
                 if (ref := job_of_invalid_start(raw.data)) is not None:
-                    await self._fail_invalid(ref, reason)
+                    with job_context(ref.job_id, ref.attempt, ref.project):
+                        await self._fail_invalid(ref, reason)
                 await dead_letter(self.nc, f"runner-{self.settings.pool}", raw, reason, terminate=False)
             except Exception:
                 await self._retry_later(msg)
                 raise
             await msg.reject()  # terminates it through FastStream
             return
+        # Every line about this attempt names it, in this handler and in every task it starts.
+        with job_context(cmd.job_id, cmd.attempt, cmd.spec.project):
+            await self._start(msg, cmd, received)
+
+    async def _start(self, msg: NatsMessage, cmd: StartJob, received: float) -> None:
         if self.draining:
             await msg.nack()
             return
@@ -71,7 +82,7 @@ class Runner:
             return
         slot = await self.slots.take()  # immediate: this handler only runs while a slot is free
         job = RunningJob(cmd, self.settings, self.js, slot, self.registry, self.datasets, self.checkpoints,
-                         self.spools, self.trainer_creds)
+                         self.spools, self.trainer_creds, self.metrics)
         # Enter the running registry before the permanent claim: if this runner dies in between, the reaper
         # finds the entry going stale and retries or marks the attempt lost; it never stays "starting".
         try:
@@ -85,6 +96,8 @@ class Runner:
             await self.slots.give(slot)
             await self._retry_later(msg)
             raise
+        if self.metrics is not None:
+            self.metrics.claim.observe(time.perf_counter() - received)
         if not claimed:
             await job.unregister()
             await self.slots.give(slot)
@@ -204,7 +217,8 @@ class Runner:
             return
         job = self.jobs.get(cmd.job_id)
         if job is not None:
-            log.info("cancelling job %s: %s", cmd.job_id, cmd.reason)
+            with job_context(cmd.job_id, job.cmd.attempt, job.cmd.spec.project):
+                log.info("cancelling job %s: %s", cmd.job_id, cmd.reason)
             job.cancel(cmd.reason)
 
     async def watch_cancels(self, stop: asyncio.Event) -> None:
@@ -226,7 +240,8 @@ class Runner:
                     log.warning("cannot read the cancel mark of %s: %s", job_id, exc)
                     continue
                 if reason is not None and self.jobs.get(job_id) is job:
-                    log.info("cancelling job %s (KV mark): %s", job_id, reason)
+                    with job_context(job_id, job.cmd.attempt, job.cmd.spec.project):
+                        log.info("cancelling job %s (KV mark): %s", job_id, reason)
                     job.cancel(reason)
 
     async def drain(self, grace_s: float) -> None:

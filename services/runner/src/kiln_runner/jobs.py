@@ -28,6 +28,7 @@ from .adapters.events import JobEvents
 from .adapters.spools import RUNNER_SPOOL, SpoolDrainer
 from .adapters.trainer_creds import CREDS_ENV, INBOX_ENV, Issued, TrainerCreds
 from .domain import Outcome, classify_exit, retry_after
+from .metrics import RunnerMetrics
 from .settings import Settings
 from .versions import versions
 
@@ -40,8 +41,10 @@ class RunningJob:
     def __init__(self, cmd: StartJob, settings: Settings, js: JetStreamContext, slot: int,
                  registry: KeyValue | None = None, datasets: DatasetCache | None = None,
                  checkpoints: CheckpointFetcher | None = None, spools: SpoolDrainer | None = None,
-                 creds: TrainerCreds | None = None) -> None:
+                 creds: TrainerCreds | None = None, metrics: RunnerMetrics | None = None) -> None:
         self.cmd, self.settings, self.js, self.slot = cmd, settings, js, slot
+        self.metrics = metrics
+        self.last_beat = time.monotonic()  # the attempt's last heartbeat JetStream took (its start before any)
         self.creds = creds  # None: the trainer connects without credentials (no trainer key configured)
         self.issued: Issued | None = None  # this attempt's trainer creds while its trainer may run
         self.registry = registry
@@ -94,22 +97,32 @@ class RunningJob:
         if self.fenced:
             log.warning("job %s attempt %s was taken over by the reaper; not reporting its end", self.cmd.job_id,
                         self.cmd.attempt)
+            self._count("fenced", outcome)
             return outcome
         if self.hand_back and outcome.status == JobStatus.cancelled:
             await self._requeue_or_leave(f"runner {self.settings.runner_id} shut down; handed back")
+            self._count("handed_back", outcome)
             return outcome
         retry = self.cancel_reason is None and not self.no_retry
         delay = retry_after(self.cmd.spec, self.cmd.attempt, outcome) if retry else None
         if delay is not None:
             await self._requeue_or_leave(f"attempt {self.cmd.attempt} failed ({outcome.exit_class.value}: "
                                          f"{outcome.reason[:300]}); retrying in {delay:.0f}s", delay_s=delay)
+            self._count(outcome.status.value, outcome, retried=True)
             return outcome
         await self._unregister()
         code = self.proc.returncode if self.proc else None
         await self.events.emit(JobFinished(status=outcome.status, reason=outcome.reason, exit_code=code,
                                            exit_class=outcome.exit_class, last_logs=list(self.events.tail)))
         log.info("job %s attempt %s: %s %s", self.cmd.job_id, self.cmd.attempt, outcome.status.value, outcome.reason)
+        self._count(outcome.status.value, outcome)
         return outcome
+
+    def _count(self, what: str, outcome: Outcome, retried: bool = False) -> None:
+        if self.metrics is not None:
+            self.metrics.ended(what, outcome.exit_class.value)
+            if retried:
+                self.metrics.retried("failed")
 
     def close(self) -> None:
         """The attempt is over (whatever the path): its runner spool is forgotten once published."""
@@ -191,6 +204,8 @@ class RunningJob:
         except OSError as exc:
             return Outcome(JobStatus.failed, ExitClass.infrastructure, f"cannot start trainer: {exc}")
         self.spawn_ms = (time.perf_counter() - t0) * 1000
+        if self.metrics is not None:
+            self.metrics.spawn.observe(self.spawn_ms / 1000)
         await self._register()
         record = {"pid": self.proc.pid, "dataset_path": str(data.data), "dataset_snapshot": data.snapshot,
                   "dataset_files": data.files, "dataset_cached": data.cached, "slot": self.slot,
@@ -276,7 +291,9 @@ class RunningJob:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await self.events.emit(Heartbeat(runner=self.settings.runner_id, pid=self.proc.pid if self.proc else None))
+            if await self.events.emit(Heartbeat(runner=self.settings.runner_id,
+                                                pid=self.proc.pid if self.proc else None)):
+                self.last_beat = time.monotonic()
             await self._register()
             if self.fenced:
                 log.error("job %s attempt %s declared lost by the reaper; stopping its trainer", self.cmd.job_id,

@@ -14,9 +14,11 @@ from kiln_contracts.service import run_until_signalled
 from kiln_contracts import streams, subjects
 
 from kiln_contracts.natsauth import client as identity
+from kiln_observability import Observability, nats_connected, setup_logging
 
 from .adapters import trainer_creds
 from .handlers import Runner
+from .metrics import RunnerMetrics
 from .reaper import Reaper, open_buckets
 from .settings import Settings
 
@@ -27,7 +29,10 @@ async def _raw(msg):  # type: ignore[no-untyped-def]
     return msg.body  # the handler validates itself, so that a bad command is dead-lettered, not retried
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
+async def run(settings: Settings, stop: asyncio.Event, obs: Observability | None = None) -> None:
+    obs = obs or Observability()
+    metrics = RunnerMetrics(obs.registry, settings.pool)
+    consuming = asyncio.Event()  # ready once the pull consumer runs, until the drain starts
     cancels_missed = asyncio.Event()
 
     runner: Runner | None = None
@@ -43,19 +48,26 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     if settings.nats_creds_file is not None:
         own["security"] = NatsCredentials(str(settings.nats_creds_file))
     broker = NatsBroker(settings.nats_url, max_reconnect_attempts=-1, name=f"kiln-runner-{settings.runner_id}",
-                        reconnected_cb=reconnected, **own)
+                        reconnected_cb=reconnected, logger=logging.getLogger("kiln.runner.broker"), **own)
     nc = await broker.connect()
     js = nc.jetstream()
+    obs.health.add("nats", nats_connected(nc))
+    obs.health.add("consuming", consuming.is_set)
+    jobs_stream, durable = streams.JOBS.name or "", streams.runner_consumer(settings.pool).durable_name or ""
+    obs.watch_jetstream(js, [jobs_stream], [(jobs_stream, durable)])
+    await obs.start(settings.metrics_host, settings.metrics_port)  # alive while it waits for the streams
     buckets = (streams.CLAIMS_BUCKET, streams.RUNNING_BUCKET, streams.LEASES_BUCKET)
     await identity.prepare_streams(js, settings.nats_creds_file, (*role.streams, *map(jsapi.kv_stream, buckets)),
                                    settings.streams_wait_s)
     consumer = streams.runner_consumer(settings.pool, max_ack_pending=1000, ack_wait=settings.ack_wait_s)
     await js.add_consumer(streams.JOBS.name or "", consumer)
     registry, leases = await open_buckets(js)
-    runner = Runner(settings, nc, await js.key_value(streams.CLAIMS_BUCKET), registry, recheck=cancels_missed)
+    runner = Runner(settings, nc, await js.key_value(streams.CLAIMS_BUCKET), registry, recheck=cancels_missed,
+                    metrics=metrics)
+    metrics.runner = runner
     reaper_stop = asyncio.Event()  # also ends the cancel watch: both run until the running jobs are drained
     reaper = Reaper(js, registry, leases, settings.runner_id, lost_after_s=settings.lost_after_s,
-                    lease_s=settings.reaper_lease_s)
+                    lease_s=settings.reaper_lease_s, metrics=metrics)
     reaper_task = asyncio.create_task(reaper.run(reaper_stop)) if settings.reaper else None
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     if left := trainer_creds.sweep(settings.work_dir / "jobs"):
@@ -85,8 +97,10 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     spools_stop = asyncio.Event()
     spool_task = asyncio.create_task(runner.spools.run(spools_stop))
     await broker.start()
+    consuming.set()
     log.info("runner %s up: pool %s, %d slot(s)", settings.runner_id, settings.pool, settings.slots)
     await stop.wait()
+    obs.health.draining = True
     log.info("runner %s shutting down: no new work; %d job(s) running", settings.runner_id, len(runner.jobs))
     runner.stop_taking_work()
     for sub in broker.subscribers:
@@ -103,10 +117,12 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                     runner.spools.pending)
     await cancel_sub.unsubscribe()
     await broker.stop()
+    await obs.stop()
 
 
 def main() -> None:
     settings = Settings()
+    setup_logging("runner", settings.log_level)
     run_until_signalled(lambda stop: run(settings, stop))
 
 

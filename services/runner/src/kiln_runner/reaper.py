@@ -16,8 +16,10 @@ from nats.js.errors import APIError, KeyWrongLastSequenceError, NoKeysError, Not
 from nats.js.kv import KeyValue
 
 from kiln_contracts import Event, ExitClass, JobFinished, JobStatus, JobStatusChanged, StartJob, streams, utcnow
+from kiln_observability import job_context
 
 from .adapters.checkpoints import resume_fields
+from .metrics import RunnerMetrics
 
 log = logging.getLogger("kiln.reaper")
 
@@ -55,8 +57,9 @@ class Lease:
 
 class Reaper:
     def __init__(self, js: JetStreamContext, running: KeyValue, leases: KeyValue, owner: str, *,
-                 lost_after_s: float = 25.0, interval_s: float = 2.0, lease_s: float = 10.0) -> None:
-        self.js, self.running = js, running
+                 lost_after_s: float = 25.0, interval_s: float = 2.0, lease_s: float = 10.0,
+                 metrics: RunnerMetrics | None = None) -> None:
+        self.js, self.running, self.metrics = js, running, metrics
         self.lease = Lease(leases, "reaper", owner, lease_s)
         self.lost_after_s, self.interval_s = lost_after_s, interval_s
         self._seen: dict[str, tuple[int, float]] = {}
@@ -109,6 +112,14 @@ class Reaper:
 
     async def _handle_lost(self, rec: dict) -> None:
         cmd = StartJob.model_validate(rec["cmd"])
+        with job_context(cmd.job_id, cmd.attempt, cmd.spec.project):
+            await self._lost(cmd, rec)
+        if self.metrics is not None:
+            self.metrics.ended("lost", ExitClass.infrastructure.value, cmd.spec.pool)
+            if cmd.attempt < cmd.spec.max_attempts:
+                self.metrics.retried("lost", cmd.spec.pool)
+
+    async def _lost(self, cmd: StartJob, rec: dict) -> None:
         runner = rec.get("runner", "?")
         why = f"runner {runner} stopped sending heartbeats"
         if cmd.attempt < cmd.spec.max_attempts:

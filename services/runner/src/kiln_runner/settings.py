@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     artifact_s3_endpoint: str | None = Field(None, description="KILN_ARTIFACT_S3_ENDPOINT (S3-compatible stores).")
     trainer_env: dict[str, str] = Field(default_factory=dict, description="Extra trainer environment, given "
                                         "explicitly (e.g. AWS_* credentials for artifact uploads).")
+    # Observability (docs/operations.md#metrics-health-and-logs)
+    metrics_host: str = Field("127.0.0.1", description="Interface of its /metrics, /livez, /readyz server.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Port of that server; unset: no server "
+                                     "(several runners share a host: give each its own); 0: any free port (logged).")
+    log_level: str | None = Field(None, description="Python logging level; unset: KILN_LOG_LEVEL, else INFO.")
 
     @field_validator("data_roots", mode="before")
     @classmethod

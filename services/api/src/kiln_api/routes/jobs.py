@@ -9,13 +9,15 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import ValidationError
 
 from kiln_contracts import AuditAction, JobSpec, JobStatus, StartJob, utcnow
+from kiln_observability import job_context
 from kiln_store import queries
 from kiln_store.downsample import minmax
 
 from ..adapters import audit, jobs_repo
 from ..auth.access import CallerDep, access
 from ..auth.caller import Caller
-from ..deps import BusDep, ConnDep
+from ..deps import BusDep, ConnDep, MetricsDep
+from ..metrics import ApiMetrics
 from ..schemas import EpochRow, JobCreate, JobDetail, JobOut, LogOut, MetricsOut, Series
 
 log = logging.getLogger("kiln.api")
@@ -43,7 +45,7 @@ def _recorded_spec(job: dict[str, Any]) -> JobSpec:
 
 
 async def _start(conn: ConnDep, bus: BusDep, job: dict[str, Any], why: str | None = None, *,
-                 caller: Caller) -> None:
+                 caller: Caller, metrics: ApiMetrics) -> None:
     if job.get("submitted_at") is None and (job.get("cancel_requested_at") is not None
                                             or JobStatus(job["status"]).terminal):
         raise HTTPException(409, f"job {job['id']} was cancelled before it started; re-run it instead")
@@ -55,36 +57,42 @@ async def _start(conn: ConnDep, bus: BusDep, job: dict[str, Any], why: str | Non
         raise HTTPException(409, f"job {job['id']} was already started")
     rec = await audit.record(conn, caller, AuditAction.job_started, project=job["project"], target=f"job:{job['id']}")
     await conn.commit()  # durable before publishing; the sweeper republishes if the publish below is lost
+    metrics.started.labels(cmd.spec.pool).inc()
     await audit.publish(conn, bus, rec)
     try:
         await bus.publish_start(cmd, why)
     except Exception as exc:  # noqa: BLE001 - accepted anyway: the sweeper retries with the same message id
-        log.warning("start of %s not published yet (%s); the sweeper will retry", job["id"], exc)
+        with job_context(cmd.job_id, cmd.attempt, cmd.spec.project):
+            log.warning("start of %s not published yet (%s); the sweeper will retry", job["id"], exc)
 
 
 @router.post("", status_code=201, response_model=JobDetail,
              **access("member", project_from_body=True, rate="create"))
-async def create_job(body: JobCreate, conn: ConnDep, bus: BusDep, caller: CallerDep) -> dict[str, Any]:
+async def create_job(body: JobCreate, conn: ConnDep, bus: BusDep, caller: CallerDep,
+                     metrics: MetricsDep) -> dict[str, Any]:
     """Create a job from a validated spec; with ``start: true`` it is queued at once."""
     spec = JobSpec.model_validate(body.model_dump(exclude={"start"}))
     job_id = await jobs_repo.insert_job(conn, spec, created_by=caller.user_id)
     rec = await audit.record(conn, caller, AuditAction.job_created, project=spec.project, target=f"job:{job_id}")
     await conn.commit()
+    metrics.created.labels(spec.pool).inc()
     await audit.publish(conn, bus, rec)
     if body.start:
-        await _start(conn, bus, await _job_or_404(conn, job_id), caller=caller)
+        await _start(conn, bus, await _job_or_404(conn, job_id), caller=caller, metrics=metrics)
     return await _detail(conn, job_id)
 
 
 @router.post("/{job_id}/start", status_code=202, response_model=JobDetail, **access("member"))
-async def start_job(job_id: str, conn: ConnDep, bus: BusDep, caller: CallerDep) -> dict[str, Any]:
+async def start_job(job_id: str, conn: ConnDep, bus: BusDep, caller: CallerDep,
+                    metrics: MetricsDep) -> dict[str, Any]:
     """Queue the job: publishes its start command for the runners of its pool."""
-    await _start(conn, bus, await _job_or_404(conn, job_id), caller=caller)
+    await _start(conn, bus, await _job_or_404(conn, job_id), caller=caller, metrics=metrics)
     return await _detail(conn, job_id)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobDetail, **access("member"))
-async def cancel_job(job_id: str, conn: ConnDep, bus: BusDep, caller: CallerDep) -> dict[str, Any]:
+async def cancel_job(job_id: str, conn: ConnDep, bus: BusDep, caller: CallerDep,
+                     metrics: MetricsDep) -> dict[str, Any]:
     """Cancel a queued or running job; a queued job will never start."""
     job = await _job_or_404(conn, job_id)
     if JobStatus(job["status"]).terminal:
@@ -93,6 +101,7 @@ async def cancel_job(job_id: str, conn: ConnDep, bus: BusDep, caller: CallerDep)
     rec = await audit.record(conn, caller, AuditAction.job_cancelled, project=job["project"], target=f"job:{job_id}",
                              status=job["status"])
     await conn.commit()
+    metrics.cancelled.labels(job["pool"]).inc()
     await audit.publish(conn, bus, rec)
     queued = job["status"] in ("created", "queued")
     await bus.request_cancel(job_id, job["project"], max(job["attempt"], 1), f"cancelled by {caller.name}", queued)
@@ -101,7 +110,7 @@ async def cancel_job(job_id: str, conn: ConnDep, bus: BusDep, caller: CallerDep)
 
 @router.post("/{job_id}/rerun", status_code=201, response_model=JobDetail, **access("member", rate="create"))
 async def rerun_job(
-    job_id: str, conn: ConnDep, bus: BusDep, caller: CallerDep,
+    job_id: str, conn: ConnDep, bus: BusDep, caller: CallerDep, metrics: MetricsDep,
     data: Annotated[Literal["pinned", "latest"], Query(
         description="pinned (default): the new job must train on the dataset snapshot the original recorded, and "
                     "fails with both hashes if the dataset changed since; latest: train on the data as it is now.",
@@ -122,8 +131,9 @@ async def rerun_job(
     rec = await audit.record(conn, caller, AuditAction.job_rerun, project=spec.project, target=f"job:{new_id}",
                              rerun_of=job_id, data=data)
     await conn.commit()
+    metrics.created.labels(spec.pool).inc()
     await audit.publish(conn, bus, rec)
-    await _start(conn, bus, await _job_or_404(conn, new_id), why=why, caller=caller)
+    await _start(conn, bus, await _job_or_404(conn, new_id), why=why, caller=caller, metrics=metrics)
     return await _detail(conn, new_id)
 
 

@@ -54,10 +54,10 @@ def consumer_config(after: int | None, *, live_only: bool = False) -> api.Consum
 class Rendered:
     """One JetStream message of one subscription key, rendered at most once per heartbeat setting."""
 
-    __slots__ = ("key", "label", "seq", "data", "_texts")
+    __slots__ = ("key", "label", "seq", "data", "stored_at", "_texts")
 
-    def __init__(self, key: str, label: str, seq: int, data: bytes) -> None:
-        self.key, self.label, self.seq, self.data = key, label, seq, data
+    def __init__(self, key: str, label: str, seq: int, data: bytes, stored_at: float | None = None) -> None:
+        self.key, self.label, self.seq, self.data, self.stored_at = key, label, seq, data, stored_at
         self._texts: dict[bool, str | None] = {}
 
     def text(self, heartbeats: bool) -> str | None:
@@ -75,6 +75,14 @@ class Rendered:
             text = None
         self._texts[heartbeats] = text
         return text
+
+
+def _stored_at(msg: Msg) -> float | None:
+    """When JetStream stored ``msg`` (Unix time), from its metadata (already parsed for its sequence)."""
+    try:
+        return msg.metadata.timestamp.timestamp()
+    except Exception:  # noqa: BLE001 - not a JetStream message
+        return None
 
 
 def _stream_seq(key: str, msg: Msg) -> int | None:
@@ -99,12 +107,13 @@ class Listener:
     def is_live(self) -> bool:
         return self.buffer is None
 
-    def deliver(self, item: Rendered) -> bool:
+    def deliver(self, item: Rendered, origin: str = "live") -> bool:
         """Queue ``item`` for the client unless already delivered or filtered out; never blocks."""
         if not self.gate.accept(item.seq):
             return False
         text = item.text(self.heartbeats)
-        return text is not None and self.outbox.offer(Outgoing(text, self.key, self.label, item.seq))
+        return text is not None and self.outbox.offer(
+            Outgoing(text, self.key, self.label, item.seq, origin, item.stored_at))
 
     def from_feed(self, item: Rendered) -> None:
         if self.buffer is None:
@@ -145,7 +154,7 @@ class Feed:
         if seq is None or seq <= self.high:
             return
         self.high = seq
-        item = Rendered(self.key, self.label, seq, msg.data)
+        item = Rendered(self.key, self.label, seq, msg.data, _stored_at(msg))
         for listener in list(self.listeners):
             listener.from_feed(item)
         await asyncio.sleep(0)  # let the senders drain between messages of one read
@@ -350,7 +359,7 @@ class Relay:
             seq = _stream_seq(listener.key, msg)
             if seq is None:
                 return
-            delivered = listener.deliver(Rendered(listener.key, listener.label, seq, msg.data))
+            delivered = listener.deliver(Rendered(listener.key, listener.label, seq, msg.data), "replay")
             if listener.caught_up(msg.metadata.num_pending):
                 listener.go_live()
                 self._stop_replay(listener)

@@ -101,6 +101,7 @@ class DatasetCache:
         self.allowed = set(allowed_buckets or [])
         self._locks: dict[str, asyncio.Lock] = {}
         self.downloads = 0  # snapshots this process downloaded (tests and logs read it)
+        self.hits = self.misses = self.downloaded_bytes = 0  # for the runner's metrics
 
     async def resolve(self, uri: str, task: str, say: Callable[[str], None] = lambda _: None) -> Resolved:
         if not uri.startswith("s3://"):
@@ -117,11 +118,14 @@ class DatasetCache:
         async with lock:
             cached = (final / ".kiln-complete").exists()
             if cached:
+                self.hits += 1
                 say(f"dataset {uri} snapshot {snapshot[:12]} found in the cache ({len(objects)} files)")
             else:
+                self.misses += 1
                 say(f"downloading dataset {uri} snapshot {snapshot[:12]} ({len(objects)} files)")
                 await asyncio.to_thread(self._download, bucket, prefix, objects, final, uri)
                 self.downloads += 1
+                self.downloaded_bytes += sum(int(o.get("Size") or 0) for o in objects)
                 say(f"dataset {uri} downloaded into {final}")
         data = _data_entry(final, task, uri)
         await asyncio.to_thread(paths.check_dataset, str(data), paths.real_roots([final]), paths.DOWNLOADED)

@@ -27,8 +27,10 @@ class JobEvents:
         self._lines: list[LogLine] = []
         self._lock = asyncio.Lock()
 
-    async def emit(self, data: EventData) -> None:
+    async def emit(self, data: EventData) -> bool:
         """Publish (acked, msg id = event id); when NATS does not take it within a few seconds, spool it.
+
+        Returns True when JetStream took it now, False when it was spooled (or given up).
 
         Once one event waits in the spool, the next ones queue behind it there (the order is kept) until the
         runner's :class:`~kiln_runner.adapters.spools.SpoolDrainer` has published them: nothing is dropped however
@@ -40,22 +42,23 @@ class JobEvents:
                            seq=self.seq, source=self.source, data=data)
             if self.spool is not None and self.spool.pending:
                 self.spool.append([ev.to_bytes()])
-                return
+                return False
             for delay in PUBLISH_RETRIES_S:
                 try:
                     await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers(), timeout=PUBLISH_TIMEOUT_S)
-                    return
+                    return True
                 except Exception as exc:  # noqa: BLE001 - reconnecting, or away: retried, then spooled
                     log.warning("publish of %s failed (%s), retrying", ev.data.kind, exc)
                     await asyncio.sleep(delay)
             if self.spool is None:
                 log.error("gave up publishing %s event of job %s", ev.data.kind, self.cmd.job_id)
-                return
+                return False
             self.spool.append([ev.to_bytes()])
             log.warning("NATS unreachable: %s event of job %s spooled in %s", ev.data.kind, self.cmd.job_id,
                         self.spool.folder)
             if self.spooled is not None:
                 self.spooled()
+            return False
 
     def line(self, text: str, stream: str = "stdout") -> None:
         self.tail.append(text)
