@@ -23,10 +23,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln_contracts.natsauth import permissions
-from kiln_contracts.natsauth.server import server_config
+from kiln_contracts.natsauth.client import NatsTls
+from kiln_contracts.natsauth.server import TlsFiles, server_config
 from kiln_contracts.natsauth.trust import TrustChain, load_trust, setup_trust, write_secret
 
 PROVISIONER = permissions.provisioner()
+SERVICE_PREFIXES = ("KILN_API", "KILN_RUNNER", "KILN_WRITER", "KILN_NOTIFIER", "KILN_CLEARML")
+
+
+@dataclass(frozen=True)
+class BusTls:
+    """TLS on the bundled server: its certificate and key, the CA its clients' certificates must come from (with
+    ``server.verify``), and the files every service and trainer connects with."""
+
+    server: TlsFiles
+    client: NatsTls
+
+    def env(self, prefix: str) -> dict[str, str]:
+        """A service's ``<prefix>_NATS_TLS_*`` settings."""
+        files = (self.client.ca_file, self.client.cert_file, self.client.key_file)
+        names = ("CA_FILE", "CERT_FILE", "KEY_FILE")
+        return {f"{prefix}_NATS_TLS_{n}": str(f) for n, f in zip(names, files, strict=True) if f is not None}
 
 
 def runner_role(pool: str) -> str:
@@ -39,6 +56,7 @@ class Identities:
 
     root: Path
     chain: TrustChain | None = None
+    tls: BusTls | None = None
 
     @classmethod
     def bundled(cls, root: Path, pools: tuple[str, ...]) -> Identities:
@@ -62,8 +80,8 @@ class Identities:
         return None
 
     def env(self, prefix: str, role: str) -> dict[str, str]:
-        """A service's creds setting (its inbox prefix defaults to its role's own)."""
-        return {f"{prefix}_NATS_CREDS_FILE": str(self.creds(role))}
+        """A service's creds setting (its inbox prefix defaults to its role's own) and TLS files."""
+        return {f"{prefix}_NATS_CREDS_FILE": str(self.creds(role)), **(self.tls.env(prefix) if self.tls else {})}
 
     def runner_env(self, pool: str) -> dict[str, str]:
         """The runner's creds and, where there is one, the trainer signing key: every attempt gets its own creds."""
@@ -87,7 +105,8 @@ class Identities:
     def write_server_config(self, path: Path, *, port: int, store_dir: Path) -> Path:
         """The bundled server's configuration (operator mode, full resolver, JetStream), mode 0600."""
         assert self.chain is not None
-        return write_secret(path, server_config(self.chain, port=port, store_dir=store_dir))
+        tls = self.tls.server if self.tls else None
+        return write_secret(path, server_config(self.chain, port=port, store_dir=store_dir, tls=tls))
 
     def provision(self, url: str, pools: tuple[str, ...], timeout: float = 20.0) -> bool:
         """Create or update the streams, buckets and service durables with the provisioner's creds; False when
@@ -96,18 +115,20 @@ class Identities:
         if creds is None:
             return False
         # Its own thread and loop: start() may be called from a coroutine (the tests do).
+        tls = self.tls.client if self.tls else None
         with ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, _provision(url, creds, pools, timeout)).result()
+            pool.submit(asyncio.run, _provision(url, creds, pools, timeout, tls)).result()
         return True
 
 
-async def _provision(url: str, creds: Path, pools: tuple[str, ...], timeout: float) -> None:
+async def _provision(url: str, creds: Path, pools: tuple[str, ...], timeout: float, tls: NatsTls | None) -> None:
     import nats
 
+    from kiln_contracts.natsauth.client import connect_options, servers
     from kiln_contracts.natsauth.provision import provision
 
-    nc = await nats.connect(url, user_credentials=str(creds), inbox_prefix=PROVISIONER.inbox, name="kiln-provision",
-                            connect_timeout=timeout, allow_reconnect=False)
+    nc = await nats.connect(servers(url), name="kiln-provision", connect_timeout=timeout, allow_reconnect=False,
+                            **connect_options(creds, PROVISIONER.inbox, tls))
     try:
         await provision(nc.jetstream(timeout=timeout), pools)
     finally:

@@ -21,7 +21,7 @@ import httpx
 import psutil
 from supervisor.xmlrpc import SupervisorTransport
 
-from .bus import Identities
+from .bus import BusTls, Identities
 from .supervision import (
     GROUP, RUNNER_SHUTDOWN_GRACE_S, RUNNER_STOP_WAIT_S, START_RETRIES, USER, Program, render,
 )
@@ -59,6 +59,7 @@ class StackConfig:
     notifier_port: int = 8001
     nats_url: str | None = None  # None: start the bundled nats-server (operator mode, every service its own creds)
     nats_creds_dir: Path | None = None  # with nats_url: the services' creds (a trust dir or <role>.creds files)
+    nats_tls: BusTls | None = None  # TLS for the bundled server and every client of it (or of nats_url)
     nats_port: int = 14222
     db_url: str | None = None  # None: SQLite in data_dir
     runner_slots: int = 1
@@ -79,7 +80,7 @@ class Stack:
         self.conf = self.data_dir / "supervisord.conf"
         self.supervisord: subprocess.Popen[bytes] | None = None
         self.names: list[str] = []
-        self.nats_url = cfg.nats_url or f"nats://127.0.0.1:{cfg.nats_port}"
+        self.nats_url = cfg.nats_url or f"{'tls' if cfg.nats_tls else 'nats'}://127.0.0.1:{cfg.nats_port}"
         self.db_url = cfg.db_url or f"sqlite+aiosqlite:///{self.data_dir / 'kiln.db'}"
         self.api_url = f"http://{cfg.host}:{cfg.api_port}"
         self.ws_url = f"ws://{cfg.host}:{cfg.notifier_port}"
@@ -99,6 +100,7 @@ class Stack:
                 raise ValueError("nats_creds_dir goes with nats_url: the bundled server makes its own")
         elif cfg.nats_creds_dir is not None:
             self.bus = Identities.given(cfg.nats_creds_dir)
+            self.bus.tls = cfg.nats_tls
         self._password = ""
         self._socket_dir: Path | None = None  # a short temp dir when data_dir is too deep for a unix socket path
 
@@ -204,6 +206,7 @@ class Stack:
         self._ensure_secrets()
         if self.cfg.nats_url is None:
             self.bus = Identities.bundled(self.nats_trust, (self.cfg.pool,))
+            self.bus.tls = self.cfg.nats_tls
             conf = self.bus.write_server_config(self.data_dir / "nats-server.conf", port=self.cfg.nats_port,
                                                 store_dir=self.data_dir / "nats")
             nats = Program("nats", [nats_server_bin(), "-c", str(conf)])

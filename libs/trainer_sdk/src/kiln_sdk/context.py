@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln_contracts import StartJob
+from kiln_contracts.natsauth.client import NatsTls
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class JobContext:
         nats_url: ``KILN_NATS_URL``; ``None`` means every event is spooled for the runner to replay.
         nats_creds: ``KILN_NATS_CREDS``: this attempt's NATS credentials file (the runner mints it; mode 0600).
         nats_inbox_prefix: ``KILN_NATS_INBOX_PREFIX``: the inbox prefix those credentials may receive acks under.
+        nats_tls: ``KILN_NATS_TLS_CA_FILE`` / ``_CERT_FILE`` / ``_KEY_FILE``: the runner's NATS TLS files.
         job_dir: ``KILN_JOB_DIR``, the writable folder of this attempt (default: the current folder).
         spec_path: ``KILN_JOB_SPEC``, a JSON file holding the :class:`kiln_contracts.StartJob`.
         dataset: ``KILN_DATASET``, the resolved local dataset path.
@@ -47,6 +49,7 @@ class JobContext:
     nats_url: str | None = None
     nats_creds: Path | None = None
     nats_inbox_prefix: str | None = None
+    nats_tls: NatsTls = field(default_factory=NatsTls)
     job_dir: Path = Path(".")
     spec_path: Path | None = None
     dataset: str | None = None
@@ -81,6 +84,11 @@ class JobContext:
         job_id = env.get("KILN_JOB_ID") or None
         creds = env.get("KILN_NATS_CREDS")
         try:
+            tls = NatsTls.from_env(env)
+        except ValueError as exc:  # a certificate without its key: connect without it (the server may refuse)
+            print(f"kiln_sdk: {exc}", file=sys.stderr)
+            tls = NatsTls(NatsTls.from_env({k: v for k, v in env.items() if k.endswith("_CA_FILE")}).ca_file)
+        try:
             system_s = max(0.0, float(env.get("KILN_SYSTEM_METRICS_S") or (5.0 if job_id else 0.0)))
         except ValueError:
             system_s = 5.0 if job_id else 0.0
@@ -91,6 +99,7 @@ class JobContext:
             nats_url=env.get("KILN_NATS_URL") or None,
             nats_creds=Path(creds) if creds else None,
             nats_inbox_prefix=env.get("KILN_NATS_INBOX_PREFIX") or None,
+            nats_tls=tls,
             job_dir=job_dir,
             spec_path=Path(spec) if spec else None,
             dataset=env.get("KILN_DATASET") or None,

@@ -18,6 +18,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from kiln_contracts.natsauth.client import NatsTls, servers
+
 from ._events import EventFactory, Record, start_thread, warn_once
 from ._queue import Marker, RecordQueue
 from .reporters import Reporter
@@ -48,6 +50,7 @@ class NatsReporter(Reporter):
         ack_timeout: Seconds to wait for JetStream acks before spooling.
         autostart: Start the publisher thread now (tests start it later to fill the queue first).
         user_credentials: NATS ``.creds`` file of this attempt (``KILN_NATS_CREDS``); ``None``: no credentials.
+        tls: NATS TLS files (CA, client certificate) the runner gave (``KILN_NATS_TLS_*``); ``None``: none.
         inbox_prefix: Inbox prefix for the acks (``KILN_NATS_INBOX_PREFIX``): the credentials allow no other.
             Once the credentials expire or are refused, the server closes the connection: what follows is
             spooled, and the runner replays the spool with its own identity.
@@ -74,9 +77,11 @@ class NatsReporter(Reporter):
         autostart: bool = True,
         user_credentials: str | Path | None = None,
         inbox_prefix: str | None = None,
+        tls: NatsTls | None = None,
     ) -> None:
         self.nats_url = nats_url
         self.auth = auth_options(user_credentials, inbox_prefix)
+        self.tls = tls or NatsTls()
         self.factory = EventFactory(job_id, project, attempt)
         self.spool = Spool(Path(spool_dir))
         self.batch = batch
@@ -234,10 +239,12 @@ class NatsReporter(Reporter):
 
         try:
             # max_reconnect_attempts=-1 also retries the first connection forever, in this background task.
+            context = self.tls.context()
             nc = await nats.connect(
-                self.nats_url, name=f"kiln-sdk-{self.factory.job_id}", allow_reconnect=True,
+                servers(self.nats_url or ""), name=f"kiln-sdk-{self.factory.job_id}", allow_reconnect=True,
                 max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2, error_cb=on_error,
                 disconnected_cb=on_change, reconnected_cb=on_change, **self.auth,
+                **({"tls": context} if context is not None else {}),
             )
         except Exception as exc:  # noqa: BLE001 - e.g. a malformed URL: spool only, the runner replays
             warn_once("connect", f"cannot connect to NATS {self.nats_url}: {exc!r}; spooling to {self.spool.path}")

@@ -267,7 +267,8 @@ def _default_reporter(ctx: JobContext) -> Reporter:
             if _rank() >= 0:  # a DDP worker: its own spool beside the launcher's (the runner replays both)
                 spool = spool / f"rank{_rank()}-{os.getpid()}"
             return NatsReporter(ctx.nats_url, ctx.job_id or "", ctx.project, ctx.attempt, spool,
-                                user_credentials=ctx.nats_creds, inbox_prefix=ctx.nats_inbox_prefix)
+                                user_credentials=ctx.nats_creds, inbox_prefix=ctx.nats_inbox_prefix,
+                                tls=ctx.nats_tls)
         if ctx.sdk_file is not None:
             return FileReporter(ctx.sdk_file)
     except Exception as exc:  # noqa: BLE001

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kiln_contracts import Event
+from kiln_contracts.natsauth.client import NatsTls, servers
 from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, ServiceUnavailableError
@@ -291,7 +292,7 @@ def auth_options(user_credentials: str | os.PathLike[str] | None, inbox_prefix: 
 
 async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: float = 10.0, *,
                  user_credentials: str | os.PathLike[str] | None = None, inbox_prefix: str | None = None,
-                 owner: Owner | None = None) -> int:
+                 owner: Owner | None = None, tls: NatsTls | None = None) -> int:
     """Publish what a trainer left in its spool (e.g. it was killed while NATS was unreachable).
 
     Also replays the spools of DDP workers inside ``spool_dir`` (see :func:`spool_folders`).  Deletes a spool when
@@ -305,6 +306,7 @@ async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: floa
         inbox_prefix: The inbox prefix those credentials allow.
         owner: ``(project, job_id)`` of the spool's job: other jobs' lines are rejected (give it whenever the
             credentials reach wider than that job's own).
+        tls: NATS TLS files (CA, client certificate) to connect with.
 
     Returns:
         Number of lines JetStream acknowledged (a line already stored is acknowledged and stored once).
@@ -332,9 +334,11 @@ async def replay(spool_dir: str | os.PathLike[str], nats_url: str, timeout: floa
         pass
 
     # nats-py keeps retrying a refused first connection whatever max_reconnect_attempts says: bound it here.
-    nc = await asyncio.wait_for(nats.connect(nats_url, connect_timeout=timeout, allow_reconnect=False,
+    context = tls.context() if tls is not None else None
+    nc = await asyncio.wait_for(nats.connect(servers(nats_url), connect_timeout=timeout, allow_reconnect=False,
                                              max_reconnect_attempts=0, error_cb=quiet,
-                                             **auth_options(user_credentials, inbox_prefix)), timeout)
+                                             **auth_options(user_credentials, inbox_prefix),
+                                             **({"tls": context} if context is not None else {})), timeout)
     published = 0
     failed = False
     try:

@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await upgrade(app.state.engine)
         await ensure_owner(app.state.engine, settings)
         app.state.bus = await Bus.connect(settings.nats_url, settings.nats_creds_file, settings.nats_inbox_prefix,
-                                          settings.streams_wait_s)
+                                          settings.streams_wait_s, settings.nats_tls)
         if app.state.event_creds is None:
             log.info("third-party event credentials off: no NATS trust directory (KILN_API_NATS_TRUST_DIR)")
         obs.health.add("database", database(app.state.engine))

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from kiln_contracts.natsauth.client import NatsTlsSettings
 from kiln_contracts.service import is_loopback
 from pydantic import DirectoryPath, Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class Settings(BaseSettings):
+class Settings(NatsTlsSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_API_")
 
     database_url: str = "sqlite+aiosqlite:///var/kiln.db"

@@ -43,8 +43,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None, clearml: Cl
     stop = stop or asyncio.Event()
     role = permissions.clearml_forwarder(settings.durable, settings.task_map_bucket)
     inbox = identity.inbox_prefix(settings.nats_inbox_prefix, settings.nats_creds_file, role)
-    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, name="kiln-clearml-forwarder",
-                            **identity.connect_options(settings.nats_creds_file, inbox))
+    nc = await nats.connect(identity.servers(settings.nats_url), max_reconnect_attempts=-1,
+                            name="kiln-clearml-forwarder",
+                            **identity.connect_options(settings.nats_creds_file, inbox, settings.nats_tls))
     js = nc.jetstream()
     try:  # with creds the task map bucket is the provisioner's to create, too
         await identity.prepare_streams(js, settings.nats_creds_file,

@@ -6,9 +6,10 @@ from pydantic import Field, FilePath
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kiln_contracts import streams
+from kiln_contracts.natsauth.client import NatsTlsSettings
 
 
-class Settings(BaseSettings):
+class Settings(NatsTlsSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_CLEARML_")
 
     enabled: bool = Field(default=False, description="Run the forwarder at all (it is optional).")

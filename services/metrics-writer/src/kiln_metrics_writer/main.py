@@ -32,8 +32,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None, obs: Observ
     await upgrade(engine)
     role = permissions.metrics_writer(settings.durable)
     inbox = identity.inbox_prefix(settings.nats_inbox_prefix, settings.nats_creds_file, role)
-    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, name="kiln-metrics-writer",
-                            **identity.connect_options(settings.nats_creds_file, inbox))
+    nc = await nats.connect(identity.servers(settings.nats_url), max_reconnect_attempts=-1, name="kiln-metrics-writer",
+                            **identity.connect_options(settings.nats_creds_file, inbox, settings.nats_tls))
     try:
         await identity.prepare_streams(nc.jetstream(), settings.nats_creds_file, role.streams, settings.streams_wait_s)
     except BaseException:

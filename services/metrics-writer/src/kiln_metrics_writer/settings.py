@@ -3,8 +3,10 @@
 from pydantic import Field, FilePath
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kiln_contracts.natsauth.client import NatsTlsSettings
 
-class Settings(BaseSettings):
+
+class Settings(NatsTlsSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_WRITER_")
 
     nats_url: str = "nats://127.0.0.1:4222"

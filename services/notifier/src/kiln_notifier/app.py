@@ -48,13 +48,13 @@ def create_app(settings: NotifierSettings) -> FastAPI:
                 log.warning("NATS disconnected; ordered consumers resume from their last sequence on reconnect")
 
         await nc.connect(
-            servers=[s.strip() for s in settings.nats_url.split(",")],
+            servers=identity.servers(settings.nats_url),
             name="kiln-notifier",
             max_reconnect_attempts=-1,  # a NATS restart must not take the notifier down with it
             error_cb=_log_nats_error,
             disconnected_cb=disconnected,
             reconnected_cb=_log_reconnected,
-            **identity.connect_options(settings.nats_creds_file, inbox),
+            **identity.connect_options(settings.nats_creds_file, inbox, settings.nats_tls),
         )
         js = NamedConsumers(nc)  # ordered consumers by name: permissions can pin them (adapters/consumers.py)
         try:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from kiln_contracts.natsauth.client import NatsTlsSettings
 from kiln_contracts.service import is_loopback
 from kiln_contracts.tickets import SOCKET_RECHECK_S
 from pydantic import Field, FilePath, PrivateAttr, field_validator, model_validator
@@ -14,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .auth import load_public_key
 
 
-class NotifierSettings(BaseSettings):
+class NotifierSettings(NatsTlsSettings, BaseSettings):
     """Configuration of one notifier process.
 
     With ``auth="tickets"`` (the default) it refuses to be built without a readable Ed25519 public key file;

@@ -21,6 +21,8 @@ from kiln_contracts import (
 )
 
 from kiln_contracts import data_roots as paths
+from kiln_contracts.natsauth.client import TLS_ENV
+
 from .adapters import process
 from .adapters.checkpoints import CheckpointError, CheckpointFetcher, read_record, resume_fields
 from .adapters.datasets import DatasetCache, DatasetError, Resolved
@@ -139,6 +141,9 @@ class RunningJob:
             KILN_NATS_URL=self.settings.nats_url, KILN_JOB_DIR=str(self.dir), KILN_JOB_SPEC=str(self.dir / "job.json"),
             KILN_DATASET=str(data.data), KILN_SPOOL_DIR=str(self.dir / "spool"), PYTHONUNBUFFERED="1",
         )
+        for key in TLS_ENV:  # the runner's own NATS TLS files, never inherited ones
+            env.pop(key, None)
+        env.update(self.settings.nats_tls.env())
         if self.settings.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.settings.gpus[self.slot % len(self.settings.gpus)]
         else:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
-from faststream.nats import JStream, NatsBroker, NatsCredentials, NatsMessage, PullSub
+from faststream.nats import JStream, NatsBroker, NatsCredentials, NatsMessage, NatsSecurity, PullSub
 from faststream.middlewares import AckPolicy
 
 from kiln_contracts.natsauth import jsapi, permissions
@@ -45,9 +45,13 @@ async def run(settings: Settings, stop: asyncio.Event, obs: Observability | None
     role = permissions.runner(settings.pool)
     inbox = identity.inbox_prefix(settings.nats_inbox_prefix, settings.nats_creds_file, role)
     own: dict[str, Any] = {"inbox_prefix": inbox} if inbox else {}  # its own identity, when configured
+    tls = settings.nats_tls.context()  # FastStream takes TLS through its security object, with the creds
     if settings.nats_creds_file is not None:
-        own["security"] = NatsCredentials(str(settings.nats_creds_file))
-    broker = NatsBroker(settings.nats_url, max_reconnect_attempts=-1, name=f"kiln-runner-{settings.runner_id}",
+        own["security"] = NatsCredentials(str(settings.nats_creds_file), ssl_context=tls)
+    elif tls is not None:
+        own["security"] = NatsSecurity(ssl_context=tls)
+    broker = NatsBroker(identity.servers(settings.nats_url), max_reconnect_attempts=-1,
+                        name=f"kiln-runner-{settings.runner_id}",
                         reconnected_cb=reconnected, logger=logging.getLogger("kiln.runner.broker"), **own)
     nc = await broker.connect()
     js = nc.jetstream()

@@ -12,9 +12,10 @@ from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kiln_contracts import data_roots as paths
+from kiln_contracts.natsauth.client import NatsTlsSettings
 
 
-class Settings(BaseSettings):
+class Settings(NatsTlsSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_RUNNER_")
 
     nats_url: str = "nats://127.0.0.1:4222"

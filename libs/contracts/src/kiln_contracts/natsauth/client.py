@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nats.js import JetStreamContext
+from pydantic import BaseModel, Field, FilePath, model_validator
 
 from .. import streams
 from .permissions import Role
@@ -89,6 +90,26 @@ class NatsTls:
         if self.cert_file is not None and self.key_file is not None:
             ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
         return ctx
+
+
+class NatsTlsSettings(BaseModel):
+    """The TLS settings every service shares (mixed into its pydantic-settings class, so each reads them with its
+    own prefix: ``KILN_RUNNER_NATS_TLS_CA_FILE``, ...).  Unset: plain ``nats://``, or the system CAs for ``tls://``."""
+
+    nats_tls_ca_file: FilePath | None = Field(
+        None, description="CA of the NATS servers' certificates (PEM); with it the client verifies them.")
+    nats_tls_cert_file: FilePath | None = Field(
+        None, description="This host's client certificate, for servers that verify clients (mutual TLS).")
+    nats_tls_key_file: FilePath | None = Field(None, description="The key of nats_tls_cert_file (mode 0600).")
+
+    @model_validator(mode="after")
+    def _pair(self) -> NatsTlsSettings:
+        self.nats_tls  # noqa: B018 - a certificate without its key (or the other way round) is refused at start
+        return self
+
+    @property
+    def nats_tls(self) -> NatsTls:
+        return NatsTls(self.nats_tls_ca_file, self.nats_tls_cert_file, self.nats_tls_key_file)
 
 
 def connect_options(creds_file: Path | None, inbox: str | None, tls: NatsTls | None = None) -> dict[str, Any]:

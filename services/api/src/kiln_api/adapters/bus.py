@@ -18,6 +18,7 @@ from kiln_contracts import (
     AuditRecorded, CancelJob, Event, ExitClass, JobFinished, JobStatus, JobStatusChanged, StartJob, streams, subjects, utcnow,
 )
 from kiln_contracts.natsauth import jsapi, permissions, provision
+from kiln_contracts.natsauth.client import NatsTls, servers
 
 log = logging.getLogger("kiln.api.bus")
 PROVISION_HINT = ("with NATS credentials the API does not create streams or buckets: run the provisioning step "
@@ -58,13 +59,17 @@ class Bus:
 
     @classmethod
     async def connect(cls, url: str, creds_file: Path | None = None, inbox_prefix: str | None = None,
-                      streams_wait_s: float = 0.0) -> "Bus":
+                      streams_wait_s: float = 0.0, tls: NatsTls | None = None) -> "Bus":
         """Connect; without ``creds_file`` create or update the streams as before, with it (least privilege: the
         server refuses stream changes) wait up to ``streams_wait_s`` for the provisioning step to have made them."""
         options: dict[str, Any] = {}
         if creds_file is not None:
             options = {"user_credentials": str(creds_file), "inbox_prefix": inbox_prefix or permissions.api().inbox}
-        nc = await nats.connect(url, name="kiln-api", max_reconnect_attempts=-1, connect_timeout=5, **options)
+        context = tls.context() if tls is not None else None
+        if context is not None:
+            options["tls"] = context
+        nc = await nats.connect(servers(url), name="kiln-api", max_reconnect_attempts=-1, connect_timeout=5,
+                                **options)
         js = nc.jetstream()
         try:
             if creds_file is None:

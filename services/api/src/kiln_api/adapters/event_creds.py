@@ -18,7 +18,9 @@ from nats.js import JetStreamContext
 
 from kiln_contracts import streams
 from kiln_contracts.natsauth import jwt as nj
+from kiln_contracts.natsauth import client as identity
 from kiln_contracts.natsauth import provision, server
+from kiln_contracts.natsauth.client import NatsTls
 from kiln_contracts.natsauth.mint import Minted, mint_third_party
 from kiln_contracts.natsauth.permissions import THIRD_PARTY
 from kiln_contracts.natsauth.trust import SYS_ROLE, load_trust
@@ -44,11 +46,13 @@ class Issued:
 class ThirdPartyIssuer:
     """Issues and revokes read-only event credentials; one per API process (revocations are serialised)."""
 
-    def __init__(self, seed: str, account: str, trust_dir: Path, servers: list[str], public_urls: list[str]) -> None:
+    def __init__(self, seed: str, account: str, trust_dir: Path, servers: list[str], public_urls: list[str],
+                 tls: NatsTls | None = None) -> None:
         self._seed = seed
         self.account = account
         self.trust_dir = trust_dir
         self.servers = servers
+        self.tls = tls
         self.public_urls = public_urls
         self._lock = asyncio.Lock()
         self.changing = asyncio.Lock()  # one check-then-create or check-then-revoke at a time
@@ -76,7 +80,8 @@ class ThirdPartyIssuer:
         account = settings.nats_account or chain.account
         if account != chain.account:
             raise NotConfigured(f"nats_account {account} is not the account of {root}/trust.json")
-        return cls(seed, account, root, [settings.nats_url], settings.nats_public_urls)
+        return cls(seed, account, root, identity.servers(settings.nats_url), settings.nats_public_urls,
+                   settings.nats_tls)
 
     async def issue(self, js: JetStreamContext, project: str, name: str, expires_at: int) -> Issued:
         """Create the reader's durables (an expired reader's are kept, so renewing resumes where it stopped), then
@@ -89,6 +94,7 @@ class ThirdPartyIssuer:
         durables.  The revocation list lives in ``trust.json``, shared with ``kiln up``: ``server.revoke`` reads it
         fresh under its file lock (and drops the entries whose users have expired anyway), so none is lost."""
         async with self._lock:
-            answer = await server.revoke(load_trust(self.trust_dir), public_key, self.servers, until=until)
+            tls = self.tls.context() if self.tls is not None else None
+            answer = await server.revoke(load_trust(self.trust_dir), public_key, self.servers, until=until, tls=tls)
         log.info("revoked NATS user %s (%s of project %s): %s", public_key, name, project, answer)
         await provision.remove_third_party(js, project, name)
