@@ -21,6 +21,7 @@ from kiln_observability import job_context
 from .adapters.checkpoints import CheckpointFetcher
 from .adapters.datasets import DatasetCache
 from .adapters.spools import SpoolDrainer
+from .adapters.sandbox import TrainerUsers
 from .adapters.trainer_creds import TrainerCreds
 from .domain import JobRef, invalid_reason, job_of_invalid_start
 from .jobs import RunningJob
@@ -44,6 +45,8 @@ class Runner:
         self.js = nc.jetstream()
         self.spools = SpoolDrainer(self.js, (settings.work_dir / "jobs").resolve())
         self.trainer_creds = TrainerCreds.from_settings(settings)
+        base = settings.trainer_uid_base  # refused at start, with the reason, where this process cannot switch users
+        self.trainer_users = TrainerUsers.checked(base, settings.slots) if base is not None else None
         self.slots = Slots(settings.slots)
         self.jobs: dict[str, RunningJob] = {}
         self.tasks: set[asyncio.Task[object]] = set()
@@ -82,7 +85,7 @@ class Runner:
             return
         slot = await self.slots.take()  # immediate: this handler only runs while a slot is free
         job = RunningJob(cmd, self.settings, self.js, slot, self.registry, self.datasets, self.checkpoints,
-                         self.spools, self.trainer_creds, self.metrics)
+                         self.spools, self.trainer_creds, self.metrics, self.trainer_users)
         # Enter the running registry before the permanent claim: if this runner dies in between, the reaper
         # finds the entry going stale and retries or marks the attempt lost; it never stays "starting".
         try:

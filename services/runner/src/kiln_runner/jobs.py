@@ -28,6 +28,7 @@ from .adapters.checkpoints import CheckpointError, CheckpointFetcher, read_recor
 from .adapters.datasets import DatasetCache, DatasetError, Resolved
 from .adapters.events import JobEvents
 from .adapters.spools import RUNNER_SPOOL, SpoolDrainer
+from .adapters.sandbox import TrainerUsers
 from .adapters.trainer_creds import CREDS_ENV, INBOX_ENV, Issued, TrainerCreds
 from .domain import Outcome, classify_exit, retry_after
 from .metrics import RunnerMetrics
@@ -43,11 +44,13 @@ class RunningJob:
     def __init__(self, cmd: StartJob, settings: Settings, js: JetStreamContext, slot: int,
                  registry: KeyValue | None = None, datasets: DatasetCache | None = None,
                  checkpoints: CheckpointFetcher | None = None, spools: SpoolDrainer | None = None,
-                 creds: TrainerCreds | None = None, metrics: RunnerMetrics | None = None) -> None:
+                 creds: TrainerCreds | None = None, metrics: RunnerMetrics | None = None,
+                 users: TrainerUsers | None = None) -> None:
         self.cmd, self.settings, self.js, self.slot = cmd, settings, js, slot
         self.metrics = metrics
         self.last_beat = time.monotonic()  # the attempt's last heartbeat JetStream took (its start before any)
         self.creds = creds  # None: the trainer connects without credentials (no trainer key configured)
+        self.users = users  # None: the trainer runs as this runner's user
         self.issued: Issued | None = None  # this attempt's trainer creds while its trainer may run
         self.registry = registry
         self.datasets = datasets or DatasetCache(settings.work_dir / "datasets", data_roots=lambda: settings.roots)
@@ -203,9 +206,15 @@ class RunningJob:
         if self.creds is not None:
             self.issued = self.creds.issue(self.cmd, self.dir)
         env = self._env(data)
+        uid = None
+        if self.users is not None:  # its own uid: the folder (and its creds) become that uid's, nothing else does
+            uid = self.users.uid(self.slot)
+            self.users.hand_over(self.dir, self.slot, give=(self.issued.path,) if self.issued else (),
+                                 keep=(self.dir / RUNNER_SPOOL,))
+            env.update(self.users.env(self.dir))
         t0 = time.perf_counter()
         try:
-            self.proc = await process.spawn(self.settings.trainer_cmd, env, str(self.dir))
+            self.proc = await process.spawn(self.settings.trainer_cmd, env, str(self.dir), uid=uid)
         except OSError as exc:
             return Outcome(JobStatus.failed, ExitClass.infrastructure, f"cannot start trainer: {exc}")
         self.spawn_ms = (time.perf_counter() - t0) * 1000

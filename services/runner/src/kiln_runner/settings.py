@@ -30,6 +30,10 @@ class Settings(NatsTlsSettings, BaseSettings):
     nats_account: str | None = Field(None, description="Public key of the KILN account (with the trainer seed).")
     trainer_creds_grace_s: float = Field(
         60.0, ge=0, description="A trainer's creds outlive its attempt's timeout by this much (its last flush).")
+    trainer_uid_base: int | None = Field(
+        None, ge=1000, description="Run slot i's trainer as uid and gid base+i (the runner must be root): user code "
+                                   "then reads neither this runner's secrets nor another attempt's files. Unset: "
+                                   "trainers run as the runner's user.")
     pool: str = "default"
     slots: int = Field(1, ge=1, le=64, description="Concurrent trainers (one per GPU on a GPU host).")
     gpus: list[str] = Field(default_factory=list, description="GPU ids, one per slot: CUDA_VISIBLE_DEVICES of each slot.")

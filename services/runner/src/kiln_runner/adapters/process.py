@@ -21,10 +21,12 @@ def _child_setup() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-async def spawn(argv: list[str], env: dict[str, str], cwd: str) -> asyncio.subprocess.Process:
+async def spawn(argv: list[str], env: dict[str, str], cwd: str, uid: int | None = None) -> asyncio.subprocess.Process:
+    """Start the trainer; with ``uid`` as that user and group, without the runner's supplementary groups."""
+    user = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
     return await asyncio.create_subprocess_exec(
         *argv, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=_child_setup,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=_child_setup, **user,
     )
 
 
