@@ -168,6 +168,11 @@ def test_rendered_once_per_heartbeat_setting() -> None:
     assert item.text(False) is None and item.text(True) is not None
     assert item.text(True) is item.text(True)
     assert Rendered("job:j1", "events", 9, b"not json").text(False) is None
+    # Another job's event on this job's subject (a trainer publishes only on its own): never relayed.
+    forged = _event(Heartbeat(runner="r")).model_copy(update={"job_id": "victim"})
+    assert Rendered("job:j1", "events", 10, forged.to_bytes(), subject=item_subject(forged, "j1")).text(True) is None
+    own = _event(Heartbeat(runner="r"))
+    assert Rendered("job:j1", "events", 11, own.to_bytes(), subject=own.subject).text(True) is not None
 
 
 def test_consumer_start_positions() -> None:
@@ -210,3 +215,8 @@ def test_settings_allow_auth_off_on_loopback_only() -> None:
 def test_settings_bound_the_recheck(recheck_s: float) -> None:
     with pytest.raises(ValidationError, match="recheck_s"):
         NotifierSettings(ticket_public_key_file=public_key_file(), recheck_s=recheck_s)
+
+
+def item_subject(event: Event, job_id: str) -> str:
+    """The subject ``event`` would come on were it ``job_id``'s."""
+    return event.model_copy(update={"job_id": job_id}).subject

@@ -64,6 +64,9 @@ class PullConsumer:
                     continue
                 try:
                     ev = Event.model_validate_json(m.data)
+                    wrong = ev.misaddressed(m.subject)  # another job's event on this job's subject: not mirrored
+                    if wrong:
+                        raise ValueError(wrong)
                 except (ValidationError, ValueError) as exc:
                     await dead_letter(self.nc, name, m, f"invalid event: {str(exc)[:300]}")
                     if self.metrics is not None:

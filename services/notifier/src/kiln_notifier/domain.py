@@ -39,12 +39,14 @@ def project_key(project: str) -> str:
 # -- messages sent to clients -------------------------------------------------------------------------------------
 
 
-def event_message(sub: str, stream: str, seq: int, data: bytes, *, heartbeats: bool = False) -> str | None:
+def event_message(sub: str, stream: str, seq: int, data: bytes, *, heartbeats: bool = False,
+                  subject: str | None = None) -> str | None:
     """Build the WebSocket text for one JetStream message, or ``None`` when it is filtered out.
 
     Raises:
         ValueError: the payload is not a valid Kiln event of a known schema version (pydantic's
-            ``ValidationError`` is a ``ValueError``); the caller skips and logs it.
+            ``ValidationError`` is a ``ValueError``), or it names another job than the ``subject`` it came on
+            (``Event.misaddressed``: only a job's own identity publishes there); the caller skips and logs it.
 
     Example:
         >>> from kiln_contracts import Heartbeat
@@ -53,6 +55,9 @@ def event_message(sub: str, stream: str, seq: int, data: bytes, *, heartbeats: b
         True
     """
     event = Event.model_validate_json(data)
+    wrong = event.misaddressed(subject) if subject is not None else None
+    if wrong:
+        raise ValueError(wrong)
     if event.data.kind == HEARTBEAT_KIND and not heartbeats:
         return None
     head = json.dumps({"type": "event", "sub": sub, "stream": stream, "seq": seq, "job_id": event.job_id})

@@ -54,10 +54,12 @@ def consumer_config(after: int | None, *, live_only: bool = False) -> api.Consum
 class Rendered:
     """One JetStream message of one subscription key, rendered at most once per heartbeat setting."""
 
-    __slots__ = ("key", "label", "seq", "data", "stored_at", "_texts")
+    __slots__ = ("key", "label", "seq", "data", "stored_at", "subject", "_texts")
 
-    def __init__(self, key: str, label: str, seq: int, data: bytes, stored_at: float | None = None) -> None:
+    def __init__(self, key: str, label: str, seq: int, data: bytes, stored_at: float | None = None,
+                 subject: str | None = None) -> None:
         self.key, self.label, self.seq, self.data, self.stored_at = key, label, seq, data, stored_at
+        self.subject = subject
         self._texts: dict[bool, str | None] = {}
 
     def text(self, heartbeats: bool) -> str | None:
@@ -67,7 +69,8 @@ class Rendered:
         except KeyError:
             pass
         try:
-            text = event_message(self.key, self.label, self.seq, self.data, heartbeats=heartbeats)
+            text = event_message(self.key, self.label, self.seq, self.data, heartbeats=heartbeats,
+                                 subject=self.subject)
         except ValueError as exc:
             if not self._texts:  # log an invalid message once, not once per client
                 log.warning("%s: invalid event skipped (%s seq %d): %s", self.key, STREAM_OF[self.label], self.seq,
@@ -154,7 +157,7 @@ class Feed:
         if seq is None or seq <= self.high:
             return
         self.high = seq
-        item = Rendered(self.key, self.label, seq, msg.data, _stored_at(msg))
+        item = Rendered(self.key, self.label, seq, msg.data, _stored_at(msg), msg.subject)
         for listener in list(self.listeners):
             listener.from_feed(item)
         await asyncio.sleep(0)  # let the senders drain between messages of one read
@@ -359,7 +362,8 @@ class Relay:
             seq = _stream_seq(listener.key, msg)
             if seq is None:
                 return
-            delivered = listener.deliver(Rendered(listener.key, listener.label, seq, msg.data), "replay")
+            delivered = listener.deliver(Rendered(listener.key, listener.label, seq, msg.data, subject=msg.subject),
+                                         "replay")
             if listener.caught_up(msg.metadata.num_pending):
                 listener.go_live()
                 self._stop_replay(listener)
