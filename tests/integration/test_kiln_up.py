@@ -106,7 +106,13 @@ def test_the_config_carries_awkward_values_through_supervisords_own_parser(tmp_p
 
 
 def test_a_killed_service_comes_back_and_one_that_keeps_failing_is_given_up(tmp_path):
-    with Stack(stack_config(tmp_path / "kiln")) as stack:
+    with Stack(stack_config(tmp_path / "kiln", metrics_port=free_port())) as stack:
+        # every service answers Prometheus and its probes where `kiln up` says
+        urls = stack.metrics_urls()
+        assert set(urls) == {"api", "notifier", "metrics-writer", "runner-0"} and all(u in _where(stack) for u in urls.values())
+        for name, url in urls.items():
+            wait_for(lambda url=url: healthy(url.replace("/metrics", "/readyz")), 30, f"{name} ready")
+            assert "kiln_" in httpx.get(url, timeout=5).text, name
         # first start: the owner's key, readable only by this user, signs in; nothing answers without it
         assert stat.S_IMODE(stack.secrets.stat().st_mode) == 0o700
         assert stat.S_IMODE(stack.owner_key_file.stat().st_mode) == 0o600

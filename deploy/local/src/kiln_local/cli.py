@@ -53,7 +53,7 @@ def _config(a: argparse.Namespace, quiet: bool = True) -> StackConfig:
     return StackConfig(data_dir=a.data_dir, host=a.host, api_port=a.api_port, notifier_port=a.notifier_port,
                        nats_url=a.nats_url, nats_creds_dir=creds, nats_port=a.nats_port, db_url=a.db_url,
                        runners=a.runners, runner_slots=a.slots, clearml=a.clearml, quiet=quiet,
-                       public_url=getattr(a, "public_url", None))
+                       public_url=getattr(a, "public_url", None), metrics_port=getattr(a, "metrics_port", None))
 
 
 def _ctl(stack: Stack) -> str:
@@ -73,6 +73,15 @@ def _without_password(url: str) -> str:
     return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
 
 
+def _metrics(stack: Stack) -> str:
+    """Where Prometheus scrapes each service (/livez and /readyz beside /metrics)."""
+    urls = stack.metrics_urls()
+    lines = [f"{name}: {url}" for name, url in urls.items()]
+    if stack.cfg.metrics_port is None:
+        lines.append("(runners, writer: --metrics-port)")
+    return "\n           ".join(lines)
+
+
 def _where(stack: Stack) -> str:
     return (f"  API      {stack.api_url}/api/v1   (OpenAPI docs: {stack.api_url}/docs)\n"
             f"  Key      {stack.owner_key_file}   (the owner's API key, mode 0600: sign in to the page with it,\n"
@@ -82,6 +91,7 @@ def _where(stack: Stack) -> str:
             f"  Live     {stack.ws_url}/api/v1/ws/jobs/<job_id>\n"
             f"  NATS     {stack.nats_url}\n"
             f"  Database {_without_password(stack.db_url)}\n"
+            f"  Metrics  {_metrics(stack)}\n"
             f"  Logs     {stack.data_dir / 'logs'}   (supervisord.log: restarts and stops)\n"
             f"  Control  {_ctl(stack)} status|restart {GROUP}:<service>")
 
@@ -163,7 +173,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def up(data_dir: DataDir = Path("var"), host: Host = "127.0.0.1", api_port: ApiPort = 8000,
        notifier_port: NotifierPort = 8001, nats_url: NatsUrl = None, nats_creds_dir: NatsCredsDir = None,
        nats_port: NatsPort = 14222, db_url: DbUrl = None, runners: Runners = 1, slots: Slots = 1,
-       clearml: ClearML = None, public_url: PublicUrl = None) -> None:
+       clearml: ClearML = None, public_url: PublicUrl = None,
+       metrics_port: Annotated[int | None, typer.Option(
+           help="first port of the runners', writer's and forwarder's metrics and health servers (writer: it, "
+                "forwarder: +1, runner i: +10+i)", show_default=False)] = None) -> None:
     """Run every Kiln service on this machine (Ctrl-C stops them all)."""
     if public_url is not None and not public_url.startswith("https://"):
         raise typer.BadParameter("the proxy must serve HTTPS (the session cookie is Secure)",

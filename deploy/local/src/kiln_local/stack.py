@@ -68,6 +68,7 @@ class StackConfig:
     quiet: bool = True  # False: supervisord's lines (spawned, exited, gave up, stopped) also on stdout
     clearml: str | None = None  # None: no forwarder; "offline" or a clearml.conf path
     public_url: str | None = None  # https://kiln.example.com when a TLS proxy serves the API and the notifier
+    metrics_port: int | None = None  # writer's metrics+health port; forwarder +1, runner i +10+i (None: off)
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -115,7 +116,7 @@ class Stack:
         progs = [
             Program("metrics-writer", [py, "-m", "kiln_metrics_writer"], {
                 **common, "KILN_WRITER_NATS_URL": self.nats_url, "KILN_WRITER_DATABASE_URL": self.db_url,
-                **creds("KILN_WRITER", "metrics-writer")}),
+                **creds("KILN_WRITER", "metrics-writer"), **self._metrics_env("KILN_WRITER", "metrics-writer")}),
             Program("notifier", [py, "-m", "kiln_notifier"], {
                 **common, "KILN_NOTIFIER_NATS_URL": self.nats_url, **creds("KILN_NOTIFIER", "notifier"),
                 "KILN_NOTIFIER_HOST": self.cfg.host,
@@ -131,7 +132,8 @@ class Stack:
                 **(bus.api_env() if bus else {})})]
         if self.cfg.clearml:
             env = {**common, "KILN_CLEARML_ENABLED": "1", "KILN_CLEARML_NATS_URL": self.nats_url,
-                   **creds("KILN_CLEARML", "clearml-forwarder")}
+                   **creds("KILN_CLEARML", "clearml-forwarder"),
+                   **self._metrics_env("KILN_CLEARML", "clearml-forwarder")}
             if self.cfg.clearml == "offline":
                 env.update(KILN_CLEARML_OFFLINE="1", KILN_CLEARML_CACHE_DIR=str(self.data_dir / "clearml"))
             else:
@@ -143,7 +145,7 @@ class Stack:
         for i in range(self.cfg.runners):
             progs.append(Program(f"runner-{i}", [py, "-m", "kiln_runner"], {
                 **common, "KILN_RUNNER_NATS_URL": self.nats_url, "KILN_RUNNER_POOL": self.cfg.pool,
-                **(bus.runner_env(self.cfg.pool) if bus else {}),
+                **(bus.runner_env(self.cfg.pool) if bus else {}), **self._metrics_env("KILN_RUNNER", f"runner-{i}"),
                 "KILN_RUNNER_SLOTS": str(self.cfg.runner_slots), "KILN_RUNNER_WORK_DIR": str(self.runner_dir(i)),
                 "KILN_RUNNER_RUNNER_ID": f"{socket.gethostname()}-runner-{i}",
                 # Jobs read datasets and models only here (the demo's is in <data_dir>/datasets); an operator's wins.
@@ -152,6 +154,24 @@ class Stack:
                 "KILN_RUNNER_SHUTDOWN_GRACE_S": str(drain)}, stop_wait_s=RUNNER_STOP_WAIT_S - RUNNER_SHUTDOWN_GRACE_S
                 + math.ceil(drain)))
         return progs
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Each service's Prometheus endpoint (its /livez and /readyz beside it)."""
+        urls = {"api": f"{self.api_url}/metrics",
+                "notifier": f"http://{self.cfg.host}:{self.cfg.notifier_port}/metrics"}
+        base = self.cfg.metrics_port
+        if base is not None:
+            urls["metrics-writer"] = f"http://{self.cfg.host}:{base}/metrics"
+            if self.cfg.clearml:
+                urls["clearml-forwarder"] = f"http://{self.cfg.host}:{base + 1}/metrics"
+            urls |= {f"runner-{i}": f"http://{self.cfg.host}:{base + 10 + i}/metrics" for i in range(self.cfg.runners)}
+        return urls
+
+    def _metrics_env(self, prefix: str, name: str) -> dict[str, str]:
+        url = self.metrics_urls().get(name)
+        if url is None:
+            return {}
+        return {f"{prefix}_METRICS_HOST": self.cfg.host, f"{prefix}_METRICS_PORT": url.rsplit(":", 1)[1].split("/")[0]}
 
     def page_origins(self) -> list[str]:
         """Origins the web page is served from (the API's): the only browser origins the notifier accepts."""
