@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from kiln_contracts import subjects
 from kiln_contracts.natsauth.provision import provision
-from kiln_testing.natsauth import auth_nats, client, make_ca
+from kiln_testing.natsauth import PrivateCA, auth_nats, client, make_ca
 
 
 async def _refused(url: str, creds: str, tls: ssl.SSLContext) -> str:
@@ -57,3 +58,39 @@ def test_the_tls_block_follows_the_files(tmp_path: Path, verify: bool) -> None:
     conf = server_config(setup_trust(tmp_path / "trust"), port=4222, store_dir=tmp_path / "js", tls=tls)
     assert f'cert_file: "{tls.cert_file}"' in conf and f'ca_file: "{tls.ca_file}"' in conf
     assert f"verify: {'true' if verify else 'false'}" in conf
+
+
+async def test_new_certificates_take_effect_on_reload_without_a_restart(tmp_path: Path) -> None:
+    """The certificate files are replaced (here by another CA's, the hardest case) and the server is told to reload
+    (SIGHUP, what ``nats-server --signal reload`` sends): connections made before stay up, new ones get the new
+    certificate, and clients trusting only the old CA are refused from then on."""
+    import shutil
+    import signal
+
+    old, new = make_ca(tmp_path / "old"), make_ca(tmp_path / "new", "new-ca")
+    live = tmp_path / "live"
+    shutil.copytree(old.root, live)
+    with auth_nats(tmp_path / "bus", ("gpu",), tls=PrivateCA(live).server_tls()) as server:
+        prov = await client(server, "provisioner", tls=old.client_context())
+        await provision(prov.js, ("gpu",))
+        await prov.close()
+        before = await client(server, "runner-gpu", tls=old.client_context())
+        for name in ("ca.pem", "server.pem", "server-key.pem"):
+            shutil.copy(new.root / name, live / name)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGHUP)
+        after = None
+        for _ in range(50):  # the reload takes a moment
+            try:
+                after = await client(server, "runner-gpu", tls=new.client_context(), allow_reconnect=False,
+                                     max_reconnect_attempts=0, connect_timeout=1)
+                break
+            except Exception:  # noqa: BLE001 - still the old certificate
+                await asyncio.sleep(0.1)
+        assert after is not None, server.log()[-2000:]
+        assert "Reloaded" in server.log() or "reloaded" in server.log()
+        assert "CERTIFICATE_VERIFY_FAILED" in await _refused(server.url, server.creds("runner-gpu"), old.client_context())
+        ack = await before.js.publish(subjects.event("p1", "j1", "status"), b"{}")  # the old connection stays up
+        assert ack.stream == "KILN_EVENTS"
+        await before.close()
+        await after.close()
