@@ -15,7 +15,9 @@ from nats.js.errors import KeyNotFoundError
 
 from kiln_contracts import ExitClass, JobStatus, streams, subjects
 from kiln_testing.proxy import TcpProxy
-from kiln_testing.runners import FAKE_TRAINER, EventLog, RunnerProc, publish_start, read_fake_log, spec
+from kiln_testing.runners import (
+    FAKE_TRAINER, EventLog, RunnerProc, pid_alive, publish_start, read_fake_log, spec,
+)
 
 
 @pytest.fixture()
@@ -317,3 +319,36 @@ async def test_a_trainer_cannot_smuggle_another_jobs_events_through_its_spool(bu
     assert log.of("victim") == []
     rejected = (job_dir / "spool" / "rejected.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["id"] for line in rejected) == sorted(forged)
+
+
+async def test_a_runner_cut_off_from_the_bus_stops_its_trainer_once_its_claim_lapses(
+        bus, runners, dataset, nats_server, tmp_path):
+    """A runner host loses the bus mid-training: after lost_after_s without renewing its claim it stops its trainer
+    by itself (no GPU kept busy, never two trainers for one job), another runner's reaper retries the attempt, and
+    once the link is back the cut-off runner reports nothing for the attempt it gave up."""
+    nc, js, log = bus
+    proxy = await TcpProxy(("127.0.0.1", nats_server.port)).start()
+    try:
+        await runners("a", url=proxy.url, heartbeat_s=1, lost_after_s=4, reaper_lease_s=2).ready()
+        await publish_start(js, "cutoff", spec(dataset, seconds=60, max_attempts=2))
+        await log.wait(lambda: any(r[0] == "start" for r in read_fake_log(tmp_path / "fake.log")))
+        [first] = [r[3] for r in read_fake_log(tmp_path / "fake.log") if r[0] == "start"]
+        await runners("b", heartbeat_s=1, lost_after_s=4, reaper_lease_s=2).ready()
+        await proxy.cut()
+        t_cut = time.monotonic()
+        while pid_alive(first) and time.monotonic() - t_cut < 15:
+            await asyncio.sleep(0.1)
+        stopped = time.monotonic() - t_cut
+        assert not pid_alive(first), "the cut-off runner kept its trainer going"
+        assert 3 <= stopped < 10, stopped  # lost_after_s after its last renewal (heartbeat_s before the cut)
+        await log.wait(lambda: any(r[0] == "start" and r[2] == 2 for r in read_fake_log(tmp_path / "fake.log")),
+                       timeout=20)  # a reaper retried it: runner b trains attempt 2
+        starts = [r for r in read_fake_log(tmp_path / "fake.log") if r[0] == "start"]
+        assert [r[2] for r in starts] == [1, 2]
+        await proxy.start()  # the link is back: the cut-off runner must not report attempt 1's end
+        await asyncio.sleep(5)
+        assert log.finished("cutoff") == []  # attempt 1 ends silently; attempt 2 trains on
+        assert pid_alive(starts[1][3])
+        print(f"trainer stopped {stopped:.1f}s after its runner was cut off")
+    finally:
+        await proxy.close()

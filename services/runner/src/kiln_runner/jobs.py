@@ -49,6 +49,7 @@ class RunningJob:
         self.cmd, self.settings, self.js, self.slot = cmd, settings, js, slot
         self.metrics = metrics
         self.last_beat = time.monotonic()  # the attempt's last heartbeat JetStream took (its start before any)
+        self.last_claim = time.monotonic()  # the attempt's claim (running-registry entry) last renewed
         self.creds = creds  # None: the trainer connects without credentials (no trainer key configured)
         self.users = users  # None: the trainer runs as this runner's user
         self.issued: Issued | None = None  # this attempt's trainer creds while its trainer may run
@@ -183,6 +184,7 @@ class RunningJob:
     async def _run(self, host: str) -> Outcome:
         self.dir.mkdir(parents=True, exist_ok=True)
         beat = asyncio.create_task(self._heartbeat_loop())  # beats while the dataset downloads, too
+        watch = asyncio.create_task(self._claim_watch())
         try:
             # Before anything is read or spawned: a job names only files under the data roots (paths.py).
             self.model_path = paths.model_file(self.cmd.spec.model, self.settings.roots, os.getcwd())
@@ -197,11 +199,14 @@ class RunningJob:
             return await self._train(host, data)
         finally:
             beat.cancel()
+            watch.cancel()
             self._drop_creds()  # whatever way the attempt ended (the trainer's exit drops them earlier)
 
     async def _train(self, host: str, data: Resolved) -> Outcome:
         if self.cancel_reason is not None:  # cancelled while its dataset was resolved: never spawn it
             return Outcome(JobStatus.cancelled, ExitClass.cancelled, self.cancel_reason)
+        if self.fenced:  # the claim lapsed meanwhile: the attempt is someone else's now (reported by nobody here)
+            return Outcome(JobStatus.failed, ExitClass.infrastructure, "claim lapsed before the trainer started")
         (self.dir / "job.json").write_text(self.cmd.model_dump_json(indent=2))
         if self.creds is not None:
             self.issued = self.creds.issue(self.cmd, self.dir)
@@ -313,9 +318,26 @@ class RunningJob:
                 log.error("job %s attempt %s declared lost by the reaper; stopping its trainer", self.cmd.job_id,
                           self.cmd.attempt)
                 if self.proc is not None:
-                    await process.stop_group(self.proc, self.settings.kill_grace_s)
+                    await process.stop_group(self.proc, self.settings.cancel_grace_s)
                 return
             await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _claim_watch(self) -> None:
+        """Cut off from the bus longer than a reaper waits, the attempt is another runner's to retry (or is marked
+        lost): stop the trainer then, so it neither keeps a GPU busy nor writes beside the retry.  A loop of its own:
+        the heartbeat's calls may each wait for their timeout while the bus is away."""
+        if self.registry is None:
+            return
+        while not self.fenced:
+            await asyncio.sleep(min(1.0, self.settings.heartbeat_s))
+            silent = time.monotonic() - self.last_claim
+            if silent > self.settings.lost_after_s:
+                self.fenced = True
+                log.error("job %s attempt %s: claim not renewed for %.0fs (lost after %.0fs): this runner is cut off "
+                          "from the bus; stopping its trainer (a reaper retries the attempt or marks it lost)",
+                          self.cmd.job_id, self.cmd.attempt, silent, self.settings.lost_after_s)
+                if self.proc is not None:
+                    await process.stop_group(self.proc, self.settings.cancel_grace_s)
 
     @property
     def registry_key(self) -> str:
@@ -331,6 +353,7 @@ class RunningJob:
             return True
         try:  # other errors propagate: the start command is then not acked and comes back later
             self._reg_rev = await self.registry.create(self.registry_key, json.dumps(self._record()).encode())
+            self.last_claim = time.monotonic()
             return True
         except KeyWrongLastSequenceError:
             log.info("job %s attempt %s is already running elsewhere; dropping duplicate start", self.cmd.job_id,
@@ -359,6 +382,7 @@ class RunningJob:
             else:
                 self._reg_rev = await self.registry.update(self.registry_key, json.dumps(rec).encode(),
                                                            last=self._reg_rev)
+            self.last_claim = time.monotonic()
         except KeyWrongLastSequenceError:
             # Either the reaper took the attempt over (it deletes the entry), or an update sent while the client
             # was reconnecting was applied late and our revision is stale: only the first is fencing.
