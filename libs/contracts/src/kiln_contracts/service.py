@@ -1,4 +1,5 @@
-"""What every Kiln service process does the same way: dead-lettering poison messages, running until signalled."""
+"""What every Kiln service process does the same way: queueing a job attempt, dead-lettering poison messages,
+running until signalled."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from . import subjects
+from .commands import StartJob
+from .events import Event, JobStatus, JobStatusChanged
 
 log = logging.getLogger("kiln.dlq")
 
@@ -29,6 +33,32 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+def queued_event(cmd: StartJob, source: str, reason: str) -> Event:
+    """The ``queued`` event of an attempt: one id per job and attempt, so publishing it twice stores it once.
+
+    Example:
+        >>> from kiln_contracts import JobSpec
+        >>> cmd = StartJob(job_id="j1", attempt=2, spec=JobSpec(model="yolov8n.yaml", dataset="/d"))
+        >>> ev = queued_event(cmd, "reaper", "attempt 1 lost")
+        >>> ev.id, ev.data.status.value, ev.seq
+        ('j1-2-queued', 'queued', 1)
+    """
+    return Event(id=f"{cmd.job_id}-{cmd.attempt}-queued", time=cmd.issued_at, job_id=cmd.job_id,
+                 project=cmd.spec.project, attempt=cmd.attempt, source=source, seq=1,
+                 data=JobStatusChanged(status=JobStatus.queued, reason=reason))
+
+
+async def publish_attempt(js: JetStreamContext, cmd: StartJob, *, source: str, reason: str,
+                          timeout: float = 5.0) -> None:
+    """Queue an attempt: its start command on its pool's subject, then its ``queued`` event, each with a message id
+    of its own (the command's ``msg_id``, the event's id), so a retry after a lost ack stores each once.  The one way
+    the API (a new job, a re-run), a runner (handing an attempt back) and the reaper (a lost attempt) queue one."""
+    await js.publish(cmd.subject, cmd.model_dump_json().encode(), headers={"Nats-Msg-Id": cmd.msg_id},
+                     timeout=timeout)
+    ev = queued_event(cmd, source, reason)
+    await js.publish(ev.subject, ev.to_bytes(), headers=ev.headers(), timeout=timeout)
+
 
 REASON_HEADER = "Kiln-Reason"
 STREAM_SEQ_HEADER = "Kiln-Stream-Seq"

@@ -17,11 +17,12 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 
 from kiln_contracts import (
-    Event, ExitClass, Heartbeat, JobFinished, JobStatus, JobStatusChanged, StartJob, utcnow,
+    ExitClass, Heartbeat, JobFinished, JobStatus, JobStatusChanged, StartJob, utcnow,
 )
 
 from kiln_contracts import data_roots as paths
 from kiln_contracts.natsauth.client import TLS_ENV
+from kiln_contracts.service import publish_attempt
 
 from .adapters import process
 from .adapters.checkpoints import CheckpointError, CheckpointFetcher, read_record, resume_fields
@@ -297,10 +298,7 @@ class RunningJob:
         not_before = now + timedelta(seconds=delay_s) if delay_s > 0 else None
         nxt = self.cmd.model_copy(update={"attempt": self.cmd.attempt + 1, "issued_at": now,
                                           "not_before": not_before, **resume})
-        await self.js.publish(nxt.subject, nxt.model_dump_json().encode(), headers={"Nats-Msg-Id": nxt.msg_id})
-        ev = Event.new(job_id=nxt.job_id, project=nxt.spec.project, attempt=nxt.attempt, seq=1, source="runner",
-                       data=JobStatusChanged(status=JobStatus.queued, reason=f"{why} as attempt {nxt.attempt}"))
-        await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
+        await publish_attempt(self.js, nxt, source="runner", reason=f"{why} as attempt {nxt.attempt}")
         log.info("job %s handed back as attempt %s", nxt.job_id, nxt.attempt)
 
     async def _flush_loop(self) -> None:

@@ -15,7 +15,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 
-from kiln_contracts import Event, ExitClass, JobFinished, JobStatus, JobStatusChanged, StartJob, streams, utcnow
+from kiln_contracts import Event, ExitClass, JobFinished, JobStatus, StartJob, streams, utcnow
+from kiln_contracts.service import publish_attempt
 from kiln_observability import job_context
 
 from .adapters.checkpoints import resume_fields
@@ -127,11 +128,9 @@ class Reaper:
             resume = resume_fields(stored) or {k: getattr(cmd, k) for k in ("resume_from", "resume_sha256",
                                                                              "resume_epoch")}
             retry = cmd.model_copy(update={"attempt": cmd.attempt + 1, "issued_at": utcnow(), **resume})
-            await self.js.publish(retry.subject, retry.model_dump_json().encode(), headers={"Nats-Msg-Id": retry.msg_id})
             where = f" from epoch {retry.resume_epoch} ({retry.resume_from})" if retry.resume_from else ""
-            data = JobStatusChanged(status=JobStatus.queued,
-                                    reason=f"attempt {cmd.attempt} lost ({why}); retrying{where}")
-            await self._event(retry, data, f"{cmd.job_id}-{retry.attempt}-queued")
+            await publish_attempt(self.js, retry, source="reaper",
+                                  reason=f"attempt {cmd.attempt} lost ({why}); retrying{where}")
             log.warning("job %s attempt %s lost (%s); retry as attempt %s", cmd.job_id, cmd.attempt, why, retry.attempt)
         else:
             data = JobFinished(status=JobStatus.lost, reason=why, exit_class=ExitClass.infrastructure)

@@ -15,10 +15,11 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from kiln_contracts import (
-    AuditRecorded, CancelJob, Event, ExitClass, JobFinished, JobStatus, JobStatusChanged, StartJob, streams, subjects, utcnow,
+    AuditRecorded, CancelJob, Event, ExitClass, JobFinished, JobStatus, StartJob, streams, subjects, utcnow,
 )
 from kiln_contracts.natsauth import jsapi, permissions, provision
 from kiln_contracts.natsauth.client import NatsTls, servers
+from kiln_contracts.service import publish_attempt
 
 log = logging.getLogger("kiln.api.bus")
 PROVISION_HINT = ("with NATS credentials the API does not create streams or buckets: run the provisioning step "
@@ -93,14 +94,8 @@ class Bus:
 
     async def publish_start(self, cmd: StartJob, why: str | None = None) -> None:
         """Publish the start command (stored once per job attempt thanks to its message id) and ``queued``."""
-        await self.js.publish(cmd.subject, cmd.model_dump_json().encode(), headers={"Nats-Msg-Id": cmd.msg_id},
-                              timeout=5)
-        await self._event(Event(
-            id=f"{cmd.job_id}-{cmd.attempt}-queued", time=cmd.issued_at, job_id=cmd.job_id, project=cmd.spec.project,
-            attempt=cmd.attempt, source="api", seq=1,
-            data=JobStatusChanged(status=JobStatus.queued, reason=(f"{why}; " if why else "")
-                                  + f"waiting for a runner of pool {cmd.spec.pool}"),
-        ))
+        await publish_attempt(self.js, cmd, source="api",
+                              reason=(f"{why}; " if why else "") + f"waiting for a runner of pool {cmd.spec.pool}")
 
     async def request_cancel(self, job_id: str, project: str, attempt: int, reason: str, queued: bool) -> None:
         """Mark the job cancelled for runners (KV, checked before spawning) and tell a running one (core NATS)."""
