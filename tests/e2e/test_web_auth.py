@@ -144,7 +144,7 @@ def test_sign_in_watch_live_renew_and_sign_out(browser, stack, owner):
 
     # A job from the form (the page's POST carries the token), watched live.
     page.click("nav.main >> text=New job")
-    page.wait_for_selector("[data-field='project'] select option")  # the form is drawn once the roles are read
+    page.wait_for_selector("[data-field='project'] select option", state="attached")  # drawn once the roles are read
     assert page.locator("[data-field='project'] select option").all_inner_texts() == ["default"]
     page.fill("[data-field='name'] input", "auth-e2e")
     page.fill("[data-field='model'] input", "yolov8n.yaml")
