@@ -9,19 +9,24 @@ from typing import Any
 
 import websockets
 
-_SHOW = ("train/box_loss", "train/cls_loss", "train/dfl_loss", "train/loss", "metrics/precision(B)",
-         "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)", "metrics/accuracy_top1")
-
-
-def short(key: str) -> str:
-    return key.split("/", 1)[-1].replace("(B)", "")
+# Scores first (what shows a model learning), then the training losses, then the rest; short names, 3 decimals.
+_SHOW = (("metrics/mAP50(B)", "mAP50"), ("metrics/mAP50-95(B)", "mAP50-95"), ("metrics/accuracy_top1", "top1"),
+         ("train/box_loss", "box"), ("train/cls_loss", "cls"), ("train/dfl_loss", "dfl"), ("train/loss", "loss"),
+         ("metrics/precision(B)", "P"), ("metrics/recall(B)", "R"))
 
 
 def format_epoch(data: dict[str, Any]) -> str:
+    """One line per epoch, aligned from one epoch to the next.
+
+    >>> format_epoch({"epoch": 7, "epochs": 20, "epoch_time": 3.4, "metrics": {
+    ...     "train/box_loss": 1.2345, "train/cls_loss": 0.98, "metrics/mAP50(B)": 0.4121}})
+    'epoch  7/20  mAP50 0.412  box 1.234  cls 0.980  (3.4s)'
+    """
     m = data.get("metrics", {})
-    parts = [f"{short(k)} {m[k]:.4f}" for k in _SHOW if k in m]
+    parts = [f"{name} {m[k]:.3f}" for k, name in _SHOW if m.get(k) is not None]
     t = data.get("epoch_time")
-    return f"epoch {data['epoch']}/{data['epochs']}  " + "  ".join(parts) + (f"  ({t:.1f}s)" if t else "")
+    return (f"epoch {data['epoch']:>{len(str(data['epochs']))}}/{data['epochs']}  " + "  ".join(parts)
+            + (f"  ({t:.1f}s)" if t else ""))
 
 
 async def follow(ws_url: str, job_id: str, *, show_logs: bool = False, timeout: float = 3600.0,
