@@ -41,8 +41,11 @@ async def test_a_two_minute_nats_outage_loses_and_duplicates_nothing(nats_server
     nc = await nats.connect(nats_server.url)
     await streams.ensure_streams(nc.jetstream())
     await nc.close()
+    # lost_after_s: longer than the attempt still needs once the bus is gone (the trainer's last steps, its SDK's
+    # close, the runner's replay try: about 15-20 s), else the runner's claim lapses first and, by design, it stops
+    # and reports nothing (test_runner_faults, the claim watch); the outage is still three times as long.
     runner = RunnerProc(nats_server.url, tmp_path / "runners", "r", tmp_path / "fake.log",
-                        trainer_cmd=[sys.executable, SDK_TRAINER], heartbeat_s=2, lost_after_s=10, reaper_lease_s=3)
+                        trainer_cmd=[sys.executable, SDK_TRAINER], heartbeat_s=2, lost_after_s=40, reaper_lease_s=3)
     try:
         await runner.ready()
         nc = await nats.connect(nats_server.url)

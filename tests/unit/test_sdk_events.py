@@ -217,7 +217,7 @@ def test_the_publishers_fast_json_is_byte_for_byte_what_the_models_write() -> No
         ("metrics", t + 8, {"step": 5, "metrics": {}}),
     ]
     fast, slow = EventFactory("j1", "p1", 3), EventFactory("j1", "p1", 3)
-    slow._id_prefix = fast._id_prefix
+    slow._id_prefix, slow.publisher = fast._id_prefix, fast.publisher
     msgs = fast.serialize_many(records)
     events = slow.build_many(records)
     assert [(m[0], m[1], m[2]) for m in msgs] == [(e.subject, e.model_dump_json().encode(), e.id) for e in events]

@@ -19,6 +19,7 @@ from .events import (
     LogLine,
     MetricsLogged,
     Progress,
+    seq_check,
     status_wins,
 )
 
@@ -26,6 +27,6 @@ __all__ = [
     "SCHEMA_VERSION", "CancelJob", "JobSpec", "Optimizer", "StartJob", "Task", "TrainArgs", "utcnow",
     "PAYLOADS", "TERMINAL", "ArtifactStored", "EpochCompleted", "Event", "EventData", "ExitClass", "Heartbeat",
     "JobFinished",
-    "JobStatus", "JobStatusChanged", "LogBatch", "LogLine", "MetricsLogged", "Progress", "status_wins",
+    "JobStatus", "JobStatusChanged", "LogBatch", "LogLine", "MetricsLogged", "Progress", "seq_check", "status_wins",
     "streams", "subjects", "AuditAction", "AuditRecorded",
 ]

@@ -58,6 +58,30 @@ def status_wins(current: JobStatus | None, current_attempt: int, new: JobStatus,
     return _RANK[new] > _RANK[current]
 
 
+SeqCheck = Literal["next", "gap", "old", "unknown"]
+
+
+def seq_check(last_seq: int, seq: int, prev: int | None) -> SeqCheck:
+    """What an event means to a consumer of one stream (KILN_EVENTS or KILN_LOGS alone) that holds its publisher's
+    events there up to ``last_seq`` (0: none yet); ``seq`` and ``prev`` are the event's (see :attr:`Event.seq_key`).
+
+    ``"next"``: nothing is missing before it. ``"gap"``: at least one event of that publisher on this stream is
+    missing before it, the last of them numbered ``prev`` (not stored yet or ever, e.g. refused as too large).
+    ``"old"``: numbered at or before ``last_seq``: a redelivery (an ``id`` already held) or, after a fault, an event
+    stored behind later ones (it fills a gap seen earlier). ``"unknown"``: published without ``prev`` (before Kiln
+    had it); nothing to check.
+
+    Example:
+        >>> seq_check(0, 1, 0), seq_check(3, 7, 3), seq_check(3, 7, 5), seq_check(7, 7, 3), seq_check(3, 4, None)
+        ('next', 'next', 'gap', 'old', 'unknown')
+    """
+    if seq <= last_seq:
+        return "old"
+    if prev is None:
+        return "unknown"
+    return "next" if prev == last_seq else "gap"
+
+
 class _Payload(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -177,15 +201,61 @@ class Event(BaseModel):
     project: str = Field("default", description="Project of the job.")
     attempt: int = Field(1, ge=1, description="Attempt of the job that produced the event.")
     source: Literal["api", "runner", "trainer", "reaper"] = Field(..., description="Which component published it.")
-    seq: int = Field(..., ge=0, description="Sequence number per (job, attempt, source), gap-free from 1.")
+    seq: int = Field(
+        ..., ge=1,
+        description="Number of the event among those its publisher ('publisher') put on either stream for this job "
+                    "attempt, KILN_EVENTS and KILN_LOGS together: 1, 2, 3... with none skipped, so a number a "
+                    "consumer of both streams lacks is an event it has not got. One stream alone skips the other's "
+                    "numbers: its consumer checks 'prev'.",
+    )
+    prev: int | None = Field(
+        None, ge=0,
+        description="The 'seq' of the event its publisher put on the same stream (KILN_EVENTS or KILN_LOGS) just "
+                    "before this one; 0 when this is its first there. A consumer of that stream alone lacks one of "
+                    "the publisher's events exactly when 'prev' is not the 'seq' of the last one it holds (0 when "
+                    "it holds none). Null from publishers older than this field.",
+    )
+    publisher: str | None = Field(
+        None, max_length=128,
+        description="Who numbered the event: one run of the SDK (one trainer process), the runner holding the "
+                    "attempt, or, for an event published on its own (queued, cancelled while queued, lost, invalid "
+                    "start), the event itself (its id). 'seq' and 'prev' count per job, attempt and publisher. Null "
+                    "from publishers older than this field: they counted per job, attempt and source.",
+    )
     data: EventData = Field(..., description="The payload; its 'kind' names the subject's last token.")
 
     @classmethod
-    def new(cls, *, job_id: str, project: str, attempt: int, seq: int, source: str, data: _Payload) -> "Event":
+    def new(cls, *, job_id: str, project: str, attempt: int, seq: int, source: str, data: _Payload,
+            prev: int | None = None, publisher: str | None = None) -> "Event":
         return cls(
-            id=uuid.uuid4().hex, time=utcnow(), job_id=job_id, project=project,
-            attempt=attempt, seq=seq, source=source, data=data,  # type: ignore[arg-type]
+            id=uuid.uuid4().hex, time=utcnow(), job_id=job_id, project=project, attempt=attempt,
+            seq=seq, prev=prev, publisher=publisher, source=source, data=data,  # type: ignore[arg-type]
         )
+
+    @classmethod
+    def single(cls, *, id: str, job_id: str, project: str, attempt: int, source: str, data: _Payload,
+               time: datetime | None = None) -> "Event":
+        """An event published on its own, under a fixed id (so that publishing it twice stores it once): it is its
+        own publisher, numbered 1 with nothing before it.
+
+        Example:
+            >>> ev = Event.single(id="j1-2-queued", job_id="j1", project="p", attempt=2, source="reaper",
+            ...                   data=JobStatusChanged(status=JobStatus.queued))
+            >>> ev.publisher, ev.seq, ev.prev, ev.seq_key
+            ('j1-2-queued', 1, 0, ('j1', 2, 'j1-2-queued'))
+        """
+        return cls(id=id, time=time or utcnow(), job_id=job_id, project=project, attempt=attempt,
+                   source=source, seq=1, prev=0, publisher=id, data=data)  # type: ignore[arg-type]
+
+    @property
+    def stream(self) -> str:
+        """``"logs"`` for a log batch (KILN_LOGS), else ``"events"`` (KILN_EVENTS)."""
+        return "logs" if self.data.kind == "log" else "events"
+
+    @property
+    def seq_key(self) -> tuple[str, int, str]:
+        """What ``seq`` and ``prev`` count per: job, attempt and publisher (the source for older publishers)."""
+        return self.job_id, self.attempt, self.publisher or self.source
 
     @property
     def subject(self) -> str:

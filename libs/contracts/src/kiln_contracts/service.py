@@ -37,16 +37,19 @@ def is_loopback(host: str) -> bool:
 def queued_event(cmd: StartJob, source: str, reason: str) -> Event:
     """The ``queued`` event of an attempt: one id per job and attempt, so publishing it twice stores it once.
 
+    It is an event on its own (:meth:`Event.single`): whoever queues the attempt (the API, the runner handing it
+    back, the reaper) never numbers it into a sequence of its own.
+
     Example:
         >>> from kiln_contracts import JobSpec
         >>> cmd = StartJob(job_id="j1", attempt=2, spec=JobSpec(model="yolov8n.yaml", dataset="/d"))
         >>> ev = queued_event(cmd, "reaper", "attempt 1 lost")
-        >>> ev.id, ev.data.status.value, ev.seq
-        ('j1-2-queued', 'queued', 1)
+        >>> ev.id, ev.data.status.value, ev.seq, ev.prev, ev.publisher
+        ('j1-2-queued', 'queued', 1, 0, 'j1-2-queued')
     """
-    return Event(id=f"{cmd.job_id}-{cmd.attempt}-queued", time=cmd.issued_at, job_id=cmd.job_id,
-                 project=cmd.spec.project, attempt=cmd.attempt, source=source, seq=1,
-                 data=JobStatusChanged(status=JobStatus.queued, reason=reason))
+    return Event.single(id=f"{cmd.job_id}-{cmd.attempt}-queued", time=cmd.issued_at, job_id=cmd.job_id,
+                        project=cmd.spec.project, attempt=cmd.attempt, source=source,
+                        data=JobStatusChanged(status=JobStatus.queued, reason=reason))
 
 
 async def publish_attempt(js: JetStreamContext, cmd: StartJob, *, source: str, reason: str,

@@ -2,7 +2,8 @@
 
 A *record* is what the training thread enqueues: ``(kind, unix_time, fields)``.  It is cheap to build (no
 validation, no serialization); :class:`EventFactory` validates it into a payload and wraps it in the envelope with
-the next gap-free ``seq``.
+the next ``seq`` (gap-free across both streams) and ``prev`` (the ``seq`` of the run's last event on the same stream),
+under the run's own ``publisher`` id: see ``Event.seq_key`` in :mod:`kiln_contracts.events`.
 
 The publisher does not need :class:`kiln_contracts.Event` objects, only their JSON:
 :meth:`EventFactory.serialize_many` writes ``MetricsLogged`` events (the high-volume kind) straight to JSON with
@@ -121,33 +122,44 @@ def build_payload(kind: str, t: float, fields: dict[str, Any]) -> Any:
 
 
 class EventFactory:
-    """Numbers and wraps payloads of one run: ``source="trainer"``, ``seq`` gap-free from 1.
+    """Numbers and wraps payloads of one run: ``source="trainer"``, its own ``publisher`` id, ``seq`` gap-free from 1
+    across both streams, ``prev`` linking each stream's events (0 before the first).
 
     Example:
         >>> f = EventFactory(job_id="j1", project="p", attempt=1)
         >>> ev = f.build(("metrics", 0.0, {"step": 1, "metrics": {"loss": 0.5}}))
-        >>> (ev.seq, ev.subject, ev.data.metrics)
-        (1, 'kiln.evt.p.j1.metrics', {'loss': 0.5})
+        >>> (ev.seq, ev.prev, ev.subject, ev.data.metrics)
+        (1, 0, 'kiln.evt.p.j1.metrics', {'loss': 0.5})
+        >>> [(e.seq, e.prev, e.stream) for e in f.build_many([("log", 0.0, {"text": "hi"}), ("progress", 0.0,
+        ...     {"epoch": 1, "epochs": 2, "batch": 1, "batches": 9})])]
+        [(2, 0, 'logs'), (3, 1, 'events')]
     """
 
-    def __init__(self, job_id: str, project: str = "default", attempt: int = 1, seq_start: int = 0) -> None:
+    def __init__(self, job_id: str, project: str = "default", attempt: int = 1) -> None:
         self.job_id = job_id
         self.project = project
         self.attempt = attempt
-        self.seq = seq_start
+        self.seq = 0
+        self.last_event = self.last_log = 0  # seq of the last event put on KILN_EVENTS, on KILN_LOGS (``prev``)
+        # One publisher per run (per process): a DDP worker's run and its launcher's count apart.
+        self.publisher = secrets.token_hex(4)
         # Event ids: 80 random bits per factory + the seq (unique like a uuid4, without its cost per event).
         self._id_prefix = secrets.token_hex(10)
         self._metrics_subject = subjects.event(project, job_id, "metrics")
 
-    def _next(self) -> tuple[int, str]:
+    def _next(self, log: bool) -> tuple[int, int, str]:
         # seq is taken only once the payload validated, so a rejected record leaves no gap.
         self.seq += 1
-        return self.seq, f"{self._id_prefix}{self.seq:012x}"
+        if log:
+            prev, self.last_log = self.last_log, self.seq
+        else:
+            prev, self.last_event = self.last_event, self.seq
+        return self.seq, prev, f"{self._id_prefix}{self.seq:012x}"
 
     def wrap(self, t: float, payload: Any) -> Event:
-        seq, eid = self._next()
-        return Event(id=eid, time=_dt(t), job_id=self.job_id, project=self.project,
-                     attempt=self.attempt, source="trainer", seq=seq, data=payload)
+        seq, prev, eid = self._next(payload.kind == "log")
+        return Event(id=eid, time=_dt(t), job_id=self.job_id, project=self.project, attempt=self.attempt,
+                     source="trainer", seq=seq, prev=prev, publisher=self.publisher, data=payload)
 
     def _metrics_json(self, t: float, fields: dict[str, Any]) -> Message | None:
         """A ``MetricsLogged`` event as JSON without the models, or ``None`` when the record needs the slow path.
@@ -178,11 +190,12 @@ class EventFactory:
         payload = to_json({
             "v": 1, "id": eid, "time": datetime.fromtimestamp(t, timezone.utc), "job_id": self.job_id,
             "project": self.project, "attempt": self.attempt, "source": "trainer", "seq": seq,
+            "prev": self.last_event, "publisher": self.publisher,
             "data": {"kind": "metrics", "step": step, "metrics": metrics, "coalesced": coalesced},
         })
         if b"NaN" in payload or b"Infinity" in payload:  # non-finite values: the slow path leaves them out
             return None
-        self.seq = seq
+        self.seq = self.last_event = seq
         return self._metrics_subject, payload, eid
 
     def build(self, record: Record) -> Event | None:

@@ -395,6 +395,10 @@ class NatsReporter(Reporter):
         self.spooled += len(msgs)
 
     async def _replay(self) -> None:
+        # Not a retry loop (and so not kiln_contracts.retry): the pump must go on taking the training thread's
+        # events (spooling them behind) and answering flush/close markers while the spool waits, so a failed replay
+        # only sets the time of the next one (0.5 s doubling to 5 s, back to 0.5 s once one goes through) and the
+        # pump tries again when it comes by after that.
         published, failed = await drain_spool(self._js, self.spool, timeout=self._ack_timeout(), max_chunks=5)
         self.delivered += published
         if failed:

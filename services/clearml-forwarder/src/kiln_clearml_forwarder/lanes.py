@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from kiln_contracts import Event
+from kiln_contracts.retry import RetryCallState, backoff, failure, retrying, unless
 from kiln_observability import job_context
 
 from . import handlers
@@ -95,23 +96,18 @@ class Lane:
             self.held.clear()
 
     async def _execute(self) -> bool:
-        """Run the pending operations in order, retrying with backoff; False if asked to stop first."""
-        delay = self.timing.backoff_initial_s
+        """Run the pending operations in order, each retried with backoff until ClearML takes it (a refusal skips
+        it); False if asked to stop first (checked before every try; a backoff ends early then)."""
         while self.ops or self._record_changed():
-            if self.stopping:
-                return False
             try:
-                if self.ops and not self.opened:
-                    if await handlers.open_task(self.state, self.deps, self.keepalive) or self.saved is None:
-                        await self._save({**(self.saved or _blank(self.state)), "task_id": self.state.task_id})
-                    self.opened = True
-                if self.ops:
-                    await handlers.run_op(self.state, self.ops[0], self.deps, self.keepalive)
-                    self.ops.pop(0)
-                    self._count("ok")
-                else:  # every operation done: the map gets the job's new status
-                    await self._save(self.state.record())
-                delay, self.failures = self.timing.backoff_initial_s, 0
+                async for attempt in retrying(backoff(self.timing.backoff_initial_s, self.timing.max_backoff_s),
+                                              retry=unless(lambda exc: isinstance(exc, PermanentError)),
+                                              before_sleep=self._failed, sleep=self._sleep):
+                    if self.stopping:
+                        return False
+                    with attempt:
+                        await self._step()
+                self.failures = 0
             except PermanentError as exc:
                 log.error("job %s: ClearML refused %s, skipped: %s", self.state.job_id,
                           type(self.ops[0]).__name__ if self.ops else "the task", exc)
@@ -120,14 +116,27 @@ class Lane:
                 self.ops.pop(0)
                 self._count("refused")
                 self.opened = False  # look at the task again before the next one: it may have been deleted
-            except Exception as exc:  # noqa: BLE001 - ClearML (or NATS KV) unavailable or slow: back off, retry
-                self.failures += 1
-                self._count("failed")
-                log.warning("job %s: ClearML call failed (%s: %s); retry %d in %.1fs", self.state.job_id,
-                            type(exc).__name__, str(exc)[:200], self.failures, delay)
-                await self._sleep(delay)
-                delay = min(delay * 2, self.timing.max_backoff_s)
         return True
+
+    async def _step(self) -> None:
+        """The next operation (the task opened first), or, once none is left, the job's new record in the map."""
+        if self.ops and not self.opened:
+            if await handlers.open_task(self.state, self.deps, self.keepalive) or self.saved is None:
+                await self._save({**(self.saved or _blank(self.state)), "task_id": self.state.task_id})
+            self.opened = True
+        if self.ops:
+            await handlers.run_op(self.state, self.ops[0], self.deps, self.keepalive)
+            self.ops.pop(0)
+            self._count("ok")
+        else:  # every operation done: the map gets the job's new status
+            await self._save(self.state.record())
+
+    def _failed(self, state: RetryCallState) -> None:
+        """ClearML (or NATS KV) unavailable or slow: counted and said before each backoff."""
+        exc, self.failures, wait = failure(state)
+        self._count("failed")
+        log.warning("job %s: ClearML call failed (%s: %s); retry %d in %.1fs", self.state.job_id,
+                    type(exc).__name__, str(exc)[:200], self.failures, wait)
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -206,14 +215,12 @@ class Dispatcher:
             del self._loading[ev.job_id]
 
     async def _get_record(self, job_id: str) -> dict[str, object] | None:
-        delay = self.timing.backoff_initial_s
-        while True:
-            try:
-                return await self.deps.tasks.get(job_id)
-            except Exception as exc:  # noqa: BLE001 - NATS reconnecting
-                log.warning("reading the task map for %s failed (%s); retrying", job_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.timing.max_backoff_s)
+        """The job's record in the task map, read again with backoff until NATS answers (it may be reconnecting)."""
+        def failed(state: RetryCallState) -> None:
+            log.warning("reading the task map for %s failed (%s); retrying", job_id, failure(state)[0])
+
+        return await retrying(backoff(self.timing.backoff_initial_s, self.timing.max_backoff_s),
+                              before_sleep=failed)(self.deps.tasks.get, job_id)
 
     def _done(self, lane: Lane, task: asyncio.Task[None]) -> None:
         if lane.task is not task or lane.items or lane.stopping:

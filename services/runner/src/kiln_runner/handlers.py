@@ -194,18 +194,18 @@ class Runner:
                 log.warning("invalid start command for %s attempt %s, which is already claimed: ending nothing",
                             ref.job_id, ref.attempt)
                 return
-        ev = Event(id=f"{ref.job_id}-{ref.attempt}-invalid", time=utcnow(), job_id=ref.job_id, project=ref.project,
-                   attempt=ref.attempt, source="runner", seq=1,
-                   data=JobFinished(status=JobStatus.failed, reason=reason, exit_class=ExitClass.user_error))
+        ev = Event.single(id=f"{ref.job_id}-{ref.attempt}-invalid", job_id=ref.job_id, project=ref.project,
+                          attempt=ref.attempt, source="runner",
+                          data=JobFinished(status=JobStatus.failed, reason=reason, exit_class=ExitClass.user_error))
         await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
         log.warning("job %s attempt %s failed: %s", ref.job_id, ref.attempt, reason)
 
     async def _finish_unstarted(self, cmd: StartJob, reason: str) -> None:
         """End a job cancelled while queued; if NATS does not take that, give the claim back so that the
         command, redelivered, is handled again (not dropped as a duplicate)."""
-        ev = Event(id=f"{cmd.job_id}-{cmd.attempt}-cancelled-queued", time=utcnow(), job_id=cmd.job_id,
-                   project=cmd.spec.project, attempt=cmd.attempt, seq=1, source="runner",
-                   data=JobFinished(status=JobStatus.cancelled, reason=reason, exit_class=ExitClass.cancelled))
+        ev = Event.single(id=f"{cmd.job_id}-{cmd.attempt}-cancelled-queued", job_id=cmd.job_id,
+                          project=cmd.spec.project, attempt=cmd.attempt, source="runner",
+                          data=JobFinished(status=JobStatus.cancelled, reason=reason, exit_class=ExitClass.cancelled))
         try:
             await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
         except Exception:

@@ -138,8 +138,8 @@ class Reaper:
             log.warning("job %s attempt %s lost: %s", cmd.job_id, cmd.attempt, why)
 
     async def _event(self, cmd: StartJob, data, event_id: str) -> None:  # type: ignore[no-untyped-def]
-        ev = Event(id=event_id, time=utcnow(), job_id=cmd.job_id, project=cmd.spec.project, attempt=cmd.attempt,
-                   source="reaper", seq=1, data=data)
+        ev = Event.single(id=event_id, job_id=cmd.job_id, project=cmd.spec.project, attempt=cmd.attempt,
+                          source="reaper", data=data)
         await self.js.publish(ev.subject, ev.to_bytes(), headers=ev.headers())
 
 

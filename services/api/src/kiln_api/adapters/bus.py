@@ -15,7 +15,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from kiln_contracts import (
-    AuditRecorded, CancelJob, Event, ExitClass, JobFinished, JobStatus, StartJob, streams, subjects, utcnow,
+    AuditRecorded, CancelJob, Event, ExitClass, JobFinished, JobStatus, StartJob, streams, subjects,
 )
 from kiln_contracts.natsauth import jsapi, permissions, provision
 from kiln_contracts.natsauth.client import NatsTls, servers
@@ -102,8 +102,7 @@ class Bus:
         await self.kv.put(streams.cancel_key(job_id), reason.encode())
         await self.nc.publish(subjects.cancel(job_id), CancelJob(job_id=job_id, reason=reason).model_dump_json().encode())
         if queued:  # no runner holds it yet: the API records the end itself; a later claim sees the KV mark
-            await self._event(Event(
-                id=f"{job_id}-{attempt}-cancelled", time=utcnow(), job_id=job_id, project=project, attempt=attempt,
-                source="api", seq=2,
+            await self._event(Event.single(
+                id=f"{job_id}-{attempt}-cancelled", job_id=job_id, project=project, attempt=attempt, source="api",
                 data=JobFinished(status=JobStatus.cancelled, reason=reason, exit_class=ExitClass.cancelled),
             ))
