@@ -219,7 +219,9 @@ def test_log_metrics_never_blocks_while_nats_is_down(tmp_path: Path) -> None:
     t0 = time.perf_counter()
     for i in range(10_000):
         run.log_metrics(i, {"loss": 1.0})
-    assert time.perf_counter() - t0 < 1.0
+    # About 0.04 s alone; the bound only has to tell "never waits for NATS" (a wait would cost seconds per call)
+    # from a busy machine, where the publisher thread's spooling competes for the GIL (1.1 s seen under load).
+    assert time.perf_counter() - t0 < 3.0
     threading.Event().wait(0.1)
     assert not run.finish(timeout=1.0)
     assert run.reporter.stats["spooled"] + run.reporter.stats["coalesced"] >= 10_000 - 10  # type: ignore[attr-defined]
