@@ -19,7 +19,7 @@ from . import routes
 from .client import OnDrop, credentials, headers
 from .download import CHECKSUM_HEADER, CHUNK, Downloaded, Receiver, pick, target
 from .errors import KilnError, from_response, unreachable
-from .live import Grant, Schedule, Watch, WatchTimeout, notifier_url, offer, reconnect_delay, retriable
+from .live import Grant, Schedule, Watch, WatchTimeout, after_drop, notifier_url, offer, retriable
 from .models import (
     ApiKey,
     Artifact,
@@ -214,14 +214,7 @@ class AsyncKiln:
                     raise
             except (OSError, WebSocketException):
                 pass
-            if plan is not None and plan.heard:
-                attempt = 0
-            delay = reconnect_delay(code, attempt)
-            attempt += 1
-            if on_drop is not None:
-                on_drop(code, delay)
-            if deadline is not None and time.monotonic() + delay >= deadline:
-                raise WatchTimeout()
+            delay, attempt = after_drop(code, attempt, plan is not None and plan.heard, deadline, on_drop)
             await asyncio.sleep(delay)
 
     async def follow(self, job_id: str, *, timeout: float | None = None,

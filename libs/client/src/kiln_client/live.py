@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 import json
 import random
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -103,6 +104,24 @@ def reconnect_delay(code: int | None, attempt: int, rng: random.Random | None = 
     if code in (CLOSE_UNAUTHORIZED, 1013) and attempt == 0:
         return 0.2
     return float(min(30.0, 0.5 * 2 ** min(attempt, 10)) * (0.75 + (rng or random).random() / 2))
+
+
+def after_drop(code: int | None, attempt: int, heard: bool, deadline: float | None,
+               on_drop: Callable[[int | None, float], None] | None) -> tuple[float, int]:
+    """After a dropped socket: how long to wait and the next attempt number (a socket that delivered something
+    starts the count again); raises :class:`WatchTimeout` when the wait would pass ``deadline`` (monotonic).
+
+    >>> after_drop(4401, 3, True, None, None)
+    (0.2, 1)
+    """
+    if heard:
+        attempt = 0
+    delay = reconnect_delay(code, attempt)
+    if on_drop is not None:
+        on_drop(code, delay)
+    if deadline is not None and time.monotonic() + delay >= deadline:
+        raise WatchTimeout()
+    return delay, attempt + 1
 
 
 class NotifierRefused(KilnError):

@@ -12,7 +12,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.sync.client import ClientConnection, connect
 
 from .errors import KilnError
-from .live import Grant, Schedule, Watch, WatchTimeout, offer, reconnect_delay, retriable
+from .live import Grant, Schedule, Watch, WatchTimeout, after_drop, offer, retriable
 from .models import LiveEvent
 
 if TYPE_CHECKING:
@@ -61,14 +61,7 @@ def iterate(kiln: Kiln, watch: Watch, timeout: float | None,
                 raise
         except (OSError, WebSocketException):
             pass
-        if plan is not None and plan.heard:
-            attempt = 0
-        delay = reconnect_delay(code, attempt)
-        attempt += 1
-        if on_drop is not None:
-            on_drop(code, delay)
-        if deadline is not None and time.monotonic() + delay >= deadline:
-            raise WatchTimeout()
+        delay, attempt = after_drop(code, attempt, plan is not None and plan.heard, deadline, on_drop)
         time.sleep(delay)
 
 

@@ -52,18 +52,14 @@ def durable_pull(stream: str, consumer: str, pinned_filter: str | None = None) -
     return rights
 
 
-def ordered_consumers(stream: str, *, delete: bool = False) -> list[str]:
-    """Ephemeral ordered push consumers (``js.subscribe(ordered_consumer=True)``, KV ``watch``/``keys``).
-
-    nats-py creates them with the unnamed form ``$JS.API.CONSUMER.CREATE.<stream>`` (the filter travels in the body
-    only, so it cannot be pinned here), reads their info and answers flow control.  ``delete`` adds deleting one
-    by name: any consumer of the stream, so give it only to identities trusted with the stream.
+def ordered_consumers(stream: str) -> list[str]:
+    """Ephemeral ordered push consumers through the unnamed form ``$JS.API.CONSUMER.CREATE.<stream>`` (KV
+    ``watch``/``keys``): the filter travels in the body only, so it cannot be pinned here; give it only on streams
+    where no durable lives (the notifier creates its consumers by name: :func:`named_consumers`).  Also their info
+    and flow control.
     """
-    rights = [f"{API}.CONSUMER.CREATE.{stream}", f"{API}.CONSUMER.INFO.{stream}.*",
-              f"$JS.FC.{stream}.>", f"$JS.FC.*.*.{stream}.>"]
-    if delete:
-        rights.append(f"{API}.CONSUMER.DELETE.{stream}.*")
-    return rights
+    return [f"{API}.CONSUMER.CREATE.{stream}", f"{API}.CONSUMER.INFO.{stream}.*",
+            f"$JS.FC.{stream}.>", f"$JS.FC.*.*.{stream}.>"]
 
 
 def named_consumers(stream: str, filter_subject: str, *, delete: bool = False) -> list[str]:
